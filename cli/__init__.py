@@ -1,0 +1,1 @@
+"""The ``gpual`` command line (Typer); thin: parse, call the library, print."""

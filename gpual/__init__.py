@@ -1,0 +1,4 @@
+"""gpual: GPU-native active learning for semantic segmentation on superpixels."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
