@@ -1,0 +1,82 @@
+"""``gpual init`` and ``gpual status``: create a workspace, show where its rounds stand."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cli.main import WorkspaceArg, console, workspace_path
+from gpual.config import DATASET_KINDS, make_config, preset_names
+from gpual.workspace import Workspace
+
+
+def init(
+    workspace: Path = WorkspaceArg,
+    data: Path = typer.Option(..., "--data", help="Dataset root folder.", show_default=False),
+    dataset: str = typer.Option("camvid", "--dataset", help=f"Layout: {', '.join(DATASET_KINDS)}."),
+    preset: str = typer.Option("", "--preset", help="Config preset laid over the defaults (paper, cpu-small, demo)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing workspace config."),
+) -> None:
+    """Create WORKSPACE/gpual.toml with every METHOD.md default (and the preset's values).
+
+    Reads the dataset folder to check its layout and pool split; writes only gpual.toml.
+    """
+    from gpual.datasets import open_dataset
+
+    root = Path(data).expanduser().resolve()
+    spec = open_dataset(dataset, root)
+    overrides = {"data": {"root": str(root), "dataset": dataset}}
+    config = make_config(preset or None, overrides)
+    pool = spec.samples(config.data.pool_split)
+    ws = Workspace.create(workspace_path(workspace), config, force=force)
+    console.print(
+        f"workspace [bold]{ws.root}[/]: {dataset} at {root}, {len(pool)} pool images in '{config.data.pool_split}', "
+        f"{spec.num_classes} classes, preset {preset or 'defaults'}"
+    )
+    console.print(f"next: gpual superpixels {ws.root}")
+
+
+def status(
+    workspace: Path = WorkspaceArg,
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
+) -> None:
+    """Show rounds, labeled regions, labeled pixel share and the next command. Reads only."""
+    ws = Workspace.open(workspace_path(workspace))
+    info = ws.status()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    console.print(
+        f"[bold]{info['workspace']}[/]  {info['dataset']} at {info['data']}\n"
+        f"pool: {info['pool_images']} images, {info['pool_regions']} regions, {info['pool_pixels']} pixels"
+    )
+    table = Table("round", "select", "label", "train", "evaluate", "labeled regions", "labeled share", "mIoU")
+    mark = {True: "[green]done[/]", False: "-"}
+    for r in info["rounds"]:
+        share = r.get("labeled_share")
+        miou = r.get("miou")
+        table.add_row(
+            str(r["round"]),
+            *(mark[r[s]] for s in ("select", "label", "train", "evaluate")),
+            str(r.get("labeled_regions", "-")),
+            f"{share:.2%}" if share is not None else "-",
+            f"{miou:.4f}" if miou is not None else "-",
+        )
+    if info["rounds"]:
+        console.print(table)
+    console.print(f"next: [bold]{info['next']}[/]")
+
+
+def presets() -> None:
+    """List the config presets shipped with gpual."""
+    for name in preset_names():
+        console.print(name)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("status")(status)
+    app.command("presets")(presets)
+

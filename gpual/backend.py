@@ -1,0 +1,181 @@
+"""The one object that decides which libraries run each stage: CUDA (CuPy, cuML, cuDF)
+or the CPU twin (NumPy, umap-learn, scikit-learn, pandas/pyarrow).
+
+Stage code never imports CuPy, cuML or cuDF itself: it asks the :class:`Backend` for the
+array namespace (``backend.xp``), the estimator classes (``backend.umap(...)``,
+``backend.kmeans(...)``) and the DataFrame library (``backend.frame``), and hands torch
+tensors across with :meth:`Backend.from_torch`, which is zero-copy (DLPack) on both
+devices.
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from gpual.errors import GpualError
+
+DeviceName = Literal["cpu", "cuda", "auto"]
+
+# The GPU stack gpual is written against (see README: extra `gpu`).
+_RAPIDS_MODULES = ("cupy", "cuml", "cudf")
+
+
+def _import_rapids() -> dict[str, ModuleType]:
+    """Import CuPy, cuML and cuDF; raise ImportError naming the first one missing."""
+    return {name: importlib.import_module(name) for name in _RAPIDS_MODULES}
+
+
+@dataclass
+class Backend:
+    """Libraries and device for every stage after superpixel precomputation.
+
+    Attributes:
+        name: ``"cuda"`` or ``"cpu"``.
+        device: the torch device models and pooled tensors live on.
+        xp: the array namespace of stage code (``cupy`` or ``numpy``).
+        frame: the DataFrame library for tables (``cudf`` or ``pandas``).
+        reason: why ``auto`` chose this backend (empty when the user chose).
+    """
+
+    name: Literal["cpu", "cuda"]
+    device: torch.device
+    xp: ModuleType
+    frame: ModuleType
+    reason: str = ""
+    _modules: dict[str, ModuleType] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.name == "cuda"
+
+    # --- estimators: identical constructor arguments on both devices -------------------
+    def umap(self, **kwargs: Any) -> Any:
+        """A UMAP estimator (cuML on CUDA, umap-learn on CPU) with ``kwargs``."""
+        if self.is_cuda:
+            from cuml.manifold import UMAP
+
+            return UMAP(output_type="cupy", **kwargs)
+        import umap  # slow import (numba): only when a stage needs it
+
+        return umap.UMAP(**kwargs)
+
+    def kmeans(self, **kwargs: Any) -> Any:
+        """A KMeans estimator (cuML on CUDA, scikit-learn on CPU) with ``kwargs``."""
+        if self.is_cuda:
+            from cuml.cluster import KMeans
+
+            return KMeans(output_type="cupy", **kwargs)
+        from sklearn.cluster import KMeans
+
+        return KMeans(**kwargs)
+
+    # --- zero-copy handoff ------------------------------------------------------------
+    def from_torch(self, tensor: torch.Tensor) -> Any:
+        """``tensor`` as an array of ``xp``, sharing its memory (DLPack; no copy).
+
+        The tensor must live on ``self.device``; gradients are detached first because
+        DLPack refuses tensors that require grad. On CPU, NumPy may return a read-only
+        view: stage code treats handed-off arrays as inputs, never writes into them.
+        """
+        if tensor.device.type != self.device.type:
+            raise GpualError(
+                f"tensor is on {tensor.device} but the backend is {self.name}: move it with .to(backend.device) first",
+                2,
+            )
+        return self.xp.from_dlpack(tensor.detach())
+
+    def to_torch(self, array: Any) -> torch.Tensor:
+        """An ``xp`` array as a torch tensor on ``self.device``, sharing memory (DLPack)."""
+        return torch.from_dlpack(array)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """A NumPy copy of an ``xp`` array: the one device-to-host copy, for the manifest."""
+        if self.is_cuda:
+            return self.xp.asnumpy(array)
+        return np.asarray(array)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing); a no-op on CPU."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def versions(self) -> dict[str, str]:
+        """Library versions and machine, for benchmark JSON and reports."""
+        info = {
+            "backend": self.name,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        }
+        if self.is_cuda:
+            info["gpu"] = torch.cuda.get_device_name(self.device)
+            for name, module in self._modules.items():
+                info[name] = getattr(module, "__version__", "?")
+        else:
+            for name in ("sklearn", "umap", "pandas", "pyarrow"):
+                try:
+                    info[name] = importlib.import_module(name).__version__
+                except ImportError:
+                    info[name] = "missing"
+        return info
+
+
+def cpu_backend(reason: str = "") -> Backend:
+    """The CPU twin: NumPy, umap-learn, scikit-learn, pandas."""
+    import pandas
+
+    return Backend(name="cpu", device=torch.device("cpu"), xp=np, frame=pandas, reason=reason)
+
+
+def cuda_backend() -> Backend:
+    """The CUDA backend; :class:`GpualError` (exit 2) if CUDA or RAPIDS is missing."""
+    if not torch.cuda.is_available():
+        raise GpualError(
+            "--device cuda was asked for but torch sees no CUDA device "
+            f"(torch {torch.__version__}): run with --device cpu, or install a CUDA build of torch on a GPU machine",
+            2,
+        )
+    try:
+        modules = _import_rapids()
+    except ImportError as exc:
+        raise GpualError(
+            f"--device cuda needs CuPy, cuML and cuDF but {exc.name or exc} is not importable: "
+            "install the gpu extra (pip install 'gpual[gpu]') or use a RAPIDS container, or run with --device cpu",
+            2,
+        ) from None
+    return Backend(
+        name="cuda",
+        device=torch.device("cuda", torch.cuda.current_device()),
+        xp=modules["cupy"],
+        frame=modules["cudf"],
+        _modules=modules,
+    )
+
+
+def get_backend(device: DeviceName | str = "auto") -> Backend:
+    """Resolve ``--device cpu|cuda|auto`` to a :class:`Backend`.
+
+    ``auto`` picks CUDA when torch sees a GPU and CuPy, cuML and cuDF import, otherwise
+    the CPU twin, and says why in ``Backend.reason``.
+    """
+    if device == "cpu":
+        return cpu_backend()
+    if device == "cuda":
+        return cuda_backend()
+    if device != "auto":
+        raise GpualError(f"--device {device!r} is not one of cpu, cuda, auto", 2)
+    if not torch.cuda.is_available():
+        return cpu_backend("no CUDA device visible to torch")
+    try:
+        return cuda_backend()
+    except GpualError as exc:
+        return cpu_backend(f"CUDA present but RAPIDS missing ({exc})")

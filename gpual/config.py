@@ -1,0 +1,265 @@
+"""Workspace configuration: every default of ``shared/docs/METHOD.md``, stored as TOML.
+
+A workspace holds one ``gpual.toml``. Presets (``gpual/presets/*.toml``) are partial TOML
+files laid over these defaults; they are data, not code branches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from gpual.errors import GpualError
+
+DATASET_KINDS = ("camvid", "segnet", "cityscapes", "folder")
+SUPERPIXEL_METHODS = ("slic", "seeds")
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+STRATEGIES = (
+    "umap-kmeans-entropy",
+    "kmeans-entropy",
+    "entropy",
+    "margin",
+    "least-confidence",
+    "bald",
+    "coreset",
+    "random",
+)
+ORACLES = ("pixel", "dominant")
+REGION_SCORES = ("sum", "mean")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    root: str = ""
+    dataset: str = "camvid"
+    pool_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # Working resolution as a factor of the stored images; superpixels, training,
+    # acquisition and evaluation all run at this one resolution.
+    scale: float = 1.0
+
+
+@dataclass
+class SuperpixelConfig:
+    """Superpixel precomputation (METHOD.md: about 400 px per region by default)."""
+
+    method: str = "slic"
+    region_pixels: int = 400
+    compactness: float = 10.0
+    seeds_levels: int = 4
+    seeds_iterations: int = 4
+    workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """FCN in torchvision's ``fcn_resnet50`` layout plus the projection head."""
+
+    backbone: str = "resnet50"
+    backbone_checkpoint: str = ""
+    projection_dim: int = 128
+    projection_dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser and schedule (paper section 4.2)."""
+
+    batch_size: int = 5
+    epochs_per_round: int = 20
+    final_epochs: int = 60
+    lr: float = 5e-4
+    weight_decay: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    hflip: bool = True
+    amp: bool = True
+    ema_decay: float = 0.99
+    reinit_each_round: bool = False
+    num_workers: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ContrastiveConfig:
+    """InfoNCE with a per-class memory bank (paper section 3.2)."""
+
+    weight: float = 0.1  # lambda in L = L_CE + lambda * L_NCE; 0 is the no-contrastive ablation
+    temperature: float = 0.1
+    anchors_hard: int = 25
+    anchors_random: int = 25
+    negatives_hard: int = 512
+    negatives_random: int = 512
+    bank_size: int = 1000  # P_t, per class
+    bank_pixels_per_image: int = 10  # P_i, per class and image
+
+
+@dataclass
+class AcquisitionConfig:
+    """One acquisition round: budgets in superpixels, strategy, oracle."""
+
+    strategy: str = "umap-kmeans-entropy"
+    init_budget: int = 1600
+    budget: int = 1600
+    region_score: str = "sum"
+    oracle: str = "pixel"
+    batch_size: int = 8
+    mc_passes: int = 10
+    overlays: int = 8
+    seed: int = 0
+
+
+@dataclass
+class UmapConfig:
+    """UMAP fitted on the memory bank; same arguments for cuML and umap-learn."""
+
+    n_components: int = 2
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+    random_state: int = 0
+
+
+@dataclass
+class KMeansConfig:
+    """KMeans on the reduced region embeddings, k = the round's budget."""
+
+    max_iter: int = 300
+    n_init: int = 1
+    random_state: int = 0
+
+
+@dataclass
+class Config:
+    """The whole workspace configuration, one section per pipeline stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+    umap: UmapConfig = field(default_factory=UmapConfig)
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Check the values that have a fixed set of choices or a range; return self."""
+        _choice("data.dataset", self.data.dataset, DATASET_KINDS)
+        _choice("superpixels.method", self.superpixels.method, SUPERPIXEL_METHODS)
+        _choice("model.backbone", self.model.backbone, BACKBONES)
+        _choice("acquisition.strategy", self.acquisition.strategy, STRATEGIES)
+        _choice("acquisition.oracle", self.acquisition.oracle, ORACLES)
+        _choice("acquisition.region_score", self.acquisition.region_score, REGION_SCORES)
+        positives = {
+            "data.scale": self.data.scale,
+            "superpixels.region_pixels": self.superpixels.region_pixels,
+            "superpixels.workers": self.superpixels.workers,
+            "train.batch_size": self.train.batch_size,
+            "acquisition.batch_size": self.acquisition.batch_size,
+            "acquisition.init_budget": self.acquisition.init_budget,
+            "acquisition.budget": self.acquisition.budget,
+            "contrastive.bank_size": self.contrastive.bank_size,
+            "umap.n_components": self.umap.n_components,
+        }
+        for key, value in positives.items():
+            if value <= 0:
+                raise GpualError(f"config {key} = {value} must be positive: fix it in gpual.toml")
+        if not 0.0 <= self.train.ema_decay <= 1.0:
+            raise GpualError("config train.ema_decay must lie in [0, 1]: fix it in gpual.toml")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GpualError(f"config {key} = {value!r} is not one of {', '.join(allowed)}: fix it in gpual.toml", 2)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Construct dataclass ``cls`` from a TOML table, refusing unknown keys and wrong types."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GpualError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", 2)
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise GpualError(f"{key} must be a table, got {type(value).__name__}", 2)
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    if get_origin(hint) is not None:  # no generic fields today; keep the value as TOML gave it
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise GpualError(f"config {key} must be {hint.__name__}, got {value!r}", 2)
+    return value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``gpual/presets``."""
+    return sorted(p.name[:-5] for p in resources.files("gpual.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The partial TOML table of preset ``name``."""
+    path = resources.files("gpual.presets") / f"{name}.toml"
+    if not path.is_file():
+        raise GpualError(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}", 2)
+    return tomllib.loads(path.read_text())
+
+
+def make_config(preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the preset's table, then ``overrides`` (nested dicts), validated."""
+    values = Config().to_dict()
+    if preset:
+        values = _merge(values, load_preset(preset))
+    if overrides:
+        values = _merge(values, overrides)
+    return _build(Config, values, "").validate()
+
+
+def load_config(path: Path) -> Config:
+    """Read a workspace's ``gpual.toml``; missing keys take the defaults."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise GpualError(f"{path} not found: run `gpual init` to create the workspace") from None
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise GpualError(f"{path} is not valid TOML ({exc}): fix or re-create it with `gpual init --force`") from None
+    return _build(Config, _merge(Config().to_dict(), values), "").validate()
+
+
+def dump_config(config: Config) -> str:
+    """The TOML text of ``config``, every key written out."""
+    return tomli_w.dumps(config.to_dict())

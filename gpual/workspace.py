@@ -1,0 +1,312 @@
+"""A gpual workspace: its config, superpixel cache and one folder per active-learning round.
+
+Layout::
+
+    WORKSPACE/
+      gpual.toml                  config (every METHOD.md default, see gpual.config)
+      .lock                       held (flock) by the one command that writes
+      superpixels/index.parquet   one row per pool image (see gpual.superpixels)
+      superpixels/*.npz           one compressed uint16 label map per pool image
+      rounds/NNN/query.parquet    regions selected in round NNN (round 0: random init)
+      rounds/NNN/labeled.parquet  the cumulative labeled set after round NNN's oracle
+      rounds/NNN/checkpoint.pt    student, teacher, memory bank after training round NNN
+      rounds/NNN/metrics.json     evaluation, labeled share, per-stage times
+
+A round moves through four steps, each finished when its file exists (files are only
+ever written atomically, so an existing file is a finished step):
+``select`` -> ``label`` -> ``train`` -> ``evaluate``.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from gpual import atomic
+from gpual.config import Config, dump_config, load_config
+from gpual.errors import GpualError
+
+CONFIG_NAME = "gpual.toml"
+STEPS = ("select", "label", "train", "evaluate")
+
+# Column order and dtypes of the round tables (pandas names; cuDF accepts the same).
+QUERY_COLUMNS = {
+    "image": "string",
+    "region": "int32",
+    "round": "int32",
+    "strategy": "string",
+    "score": "float64",
+    "pixels": "int64",
+}
+LABELED_COLUMNS = {
+    "image": "string",
+    "region": "int32",
+    "round": "int32",
+    "pixels": "int64",
+    "dominant": "int32",  # majority ground-truth class of the region (255 if all void)
+}
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """Which steps of one round are finished."""
+
+    round: int
+    selected: bool
+    labeled: bool
+    trained: bool
+    evaluated: bool
+
+    @property
+    def next_step(self) -> str | None:
+        for step, done in zip(STEPS, (self.selected, self.labeled, self.trained, self.evaluated)):
+            if not done:
+                return step
+        return None
+
+
+class Workspace:
+    """One workspace folder; cheap to open, reads files lazily."""
+
+    def __init__(self, root: Path, config: Config) -> None:
+        self.root = Path(root)
+        self.config = config
+
+    # --- creation and opening ---------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, config: Config, force: bool = False) -> "Workspace":
+        """Write ``root/gpual.toml``; refuse to overwrite an existing config unless ``force``."""
+        root = Path(root)
+        path = root / CONFIG_NAME
+        if path.exists() and not force:
+            raise GpualError(f"{path} already exists: open it as it is, or pass --force to overwrite its config")
+        if root.exists() and not root.is_dir():
+            raise GpualError(f"{root} exists and is not a folder: choose another workspace path")
+        root.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, dump_config(config))
+        return cls(root, config)
+
+    @classmethod
+    def open(cls, root: Path) -> "Workspace":
+        """Open an existing workspace (its config is read and validated)."""
+        root = Path(root)
+        if not (root / CONFIG_NAME).exists():
+            raise GpualError(f"{root} is not a gpual workspace (no {CONFIG_NAME}): create it with `gpual init {root} --data PATH`")
+        return cls(root, load_config(root / CONFIG_NAME))
+
+    def save_config(self) -> None:
+        atomic.write_text(self.root / CONFIG_NAME, dump_config(self.config))
+
+    # --- the writer lock ----------------------------------------------------------------
+    @contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the workspace's writer lock for the duration of ``command``.
+
+        An advisory ``flock``: the OS drops it when the process dies, so a crash never
+        leaves a stale lock. A second writer gets a one-line error naming the holder.
+        """
+        path = self.root / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = path.read_text().strip() or "another process"
+                raise GpualError(
+                    f"workspace {self.root} is locked by {holder}: wait for it to finish, then run `gpual {command}` again"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"`gpual {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})".encode())
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # --- paths ------------------------------------------------------------------------
+    @property
+    def superpixel_dir(self) -> Path:
+        return self.root / "superpixels"
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.root / "rounds"
+
+    def round_dir(self, round: int) -> Path:
+        if round < 0:
+            raise GpualError(f"round {round} is negative: rounds count from 0")
+        return self.rounds_dir / f"{round:03d}"
+
+    def query_path(self, round: int) -> Path:
+        return self.round_dir(round) / "query.parquet"
+
+    def labeled_path(self, round: int) -> Path:
+        return self.round_dir(round) / "labeled.parquet"
+
+    def checkpoint_path(self, round: int) -> Path:
+        return self.round_dir(round) / "checkpoint.pt"
+
+    def resume_path(self, round: int) -> Path:
+        """Per-epoch training state of a round in progress (removed when it finishes)."""
+        return self.round_dir(round) / "train_state.pt"
+
+    def metrics_path(self, round: int) -> Path:
+        return self.round_dir(round) / "metrics.json"
+
+    def overlay_dir(self, round: int) -> Path:
+        return self.round_dir(round) / "overlays"
+
+    @property
+    def full_dir(self) -> Path:
+        """The full-supervision reference run (``gpual train --full``)."""
+        return self.root / "full"
+
+    # --- round state --------------------------------------------------------------------
+    def rounds(self) -> list[int]:
+        """Round numbers that have a folder, ascending."""
+        if not self.rounds_dir.exists():
+            return []
+        return sorted(int(p.name) for p in self.rounds_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def round_state(self, round: int) -> RoundState:
+        return RoundState(
+            round=round,
+            selected=self.query_path(round).exists(),
+            labeled=self.labeled_path(round).exists(),
+            trained=self.checkpoint_path(round).exists(),
+            evaluated=self.metrics_path(round).exists() and "evaluation" in self.read_metrics(round),
+        )
+
+    def next_step(self) -> tuple[int, str]:
+        """The first unfinished (round, step); a finished last round points at the next select."""
+        rounds = self.rounds()
+        for r in rounds:
+            step = self.round_state(r).next_step
+            if step is not None:
+                return r, step
+        return (rounds[-1] + 1 if rounds else 0), "select"
+
+    def require(self, round: int, step: str, command: str) -> None:
+        """Refuse ``command`` unless every step before ``step`` of ``round`` (and the rounds
+        before it) is finished; the error says which command to run first."""
+        if step not in STEPS:
+            raise ValueError(step)
+        if round > 0:
+            prev = self.round_state(round - 1)
+            if not prev.trained:
+                raise GpualError(
+                    f"round {round - 1} is not trained: run `gpual train {self.root} --round {round - 1}` before `gpual {command} --round {round}`"
+                )
+        state = self.round_state(round)
+        done = dict(zip(STEPS, (state.selected, state.labeled, state.trained, state.evaluated)))
+        for before in STEPS[: STEPS.index(step)]:
+            if not done[before]:
+                raise GpualError(
+                    f"round {round} has no {before} step yet: run `gpual {before} {self.root} --round {round}` before `gpual {command}`"
+                )
+
+    # --- tables -------------------------------------------------------------------------
+    def write_query(self, round: int, frame: Any) -> None:
+        """Write round ``round``'s selection (columns of ``QUERY_COLUMNS``) atomically."""
+        _check_columns(frame, QUERY_COLUMNS, "query")
+        atomic.write_parquet(self.query_path(round), frame)
+
+    def read_query(self, round: int) -> pd.DataFrame:
+        return _read_table(self.query_path(round), f"round {round} has no selection: run `gpual select {self.root} --round {round}`")
+
+    def write_labeled(self, round: int, frame: Any) -> None:
+        """Write the cumulative labeled set after round ``round`` atomically."""
+        _check_columns(frame, LABELED_COLUMNS, "labeled")
+        atomic.write_parquet(self.labeled_path(round), frame)
+
+    def read_labeled(self, round: int) -> pd.DataFrame:
+        """The cumulative labeled set after round ``round`` (empty table before round 0)."""
+        if round < 0:
+            return empty_table(LABELED_COLUMNS)
+        return _read_table(self.labeled_path(round), f"round {round} has no labels: run `gpual label {self.root} --round {round}`")
+
+    def read_metrics(self, round: int) -> dict[str, Any]:
+        path = self.metrics_path(round)
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise GpualError(f"{path} is corrupt: delete it and run the round's evaluate step again") from None
+
+    def update_metrics(self, round: int, **sections: Any) -> dict[str, Any]:
+        """Merge ``sections`` into round ``round``'s metrics JSON (atomic rewrite)."""
+        metrics = self.read_metrics(round)
+        metrics.update(sections)
+        atomic.write_json(self.metrics_path(round), metrics)
+        return metrics
+
+    # --- status -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Rounds, labeled regions and pixel share, and the next command to run."""
+        from gpual.superpixels import read_index  # the superpixel stage owns its index
+
+        index = read_index(self) if (self.superpixel_dir / "index.parquet").exists() else None
+        pool_pixels = int(index["pixels"].sum()) if index is not None else 0
+        pool_regions = int(index["n_regions"].sum()) if index is not None else 0
+        rounds = []
+        for r in self.rounds():
+            state = self.round_state(r)
+            entry: dict[str, Any] = {"round": r, "next_step": state.next_step}
+            for step, done in zip(STEPS, (state.selected, state.labeled, state.trained, state.evaluated)):
+                entry[step] = done
+            if state.labeled:
+                labeled = self.read_labeled(r)
+                entry["labeled_regions"] = int(len(labeled))
+                entry["labeled_pixels"] = int(labeled["pixels"].sum())
+                entry["labeled_share"] = entry["labeled_pixels"] / pool_pixels if pool_pixels else None
+            evaluation = self.read_metrics(r).get("evaluation")
+            if evaluation:
+                entry["miou"] = evaluation.get("miou")
+            rounds.append(entry)
+        if index is None:
+            next_command = f"gpual superpixels {self.root}"
+        else:
+            r, step = self.next_step()
+            next_command = f"gpual {step} {self.root} --round {r}"
+        return {
+            "workspace": str(self.root),
+            "dataset": self.config.data.dataset,
+            "data": self.config.data.root,
+            "pool_images": int(len(index)) if index is not None else 0,
+            "pool_regions": pool_regions,
+            "pool_pixels": pool_pixels,
+            "rounds": rounds,
+            "next": next_command,
+        }
+
+
+def empty_table(columns: dict[str, str]) -> pd.DataFrame:
+    """An empty pandas table with ``columns``' names and dtypes."""
+    return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in columns.items()})
+
+
+def _check_columns(frame: Any, columns: dict[str, str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} table lacks column(s) {missing}")
+
+
+def _read_table(path: Path, missing_message: str) -> pd.DataFrame:
+    if not path.exists():
+        raise GpualError(missing_message)
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise GpualError(f"{path} is unreadable ({type(exc).__name__}): delete it and run the step that writes it again") from None

@@ -1,0 +1,59 @@
+"""Config defaults, presets, TOML round trip and validation."""
+from __future__ import annotations
+
+import pytest
+
+from gpual.config import Config, dump_config, load_config, make_config, preset_names
+from gpual.errors import GpualError
+
+
+def test_defaults_follow_method_md() -> None:
+    c = Config()
+    assert (c.contrastive.weight, c.contrastive.temperature) == (0.1, 0.1)
+    assert (c.contrastive.anchors_hard, c.contrastive.anchors_random) == (25, 25)
+    assert (c.contrastive.negatives_hard, c.contrastive.negatives_random) == (512, 512)
+    assert (c.contrastive.bank_size, c.contrastive.bank_pixels_per_image) == (1000, 10)
+    assert (c.train.lr, c.train.weight_decay, c.train.ema_decay) == (5e-4, 2e-4, 0.99)
+    assert (c.umap.n_components, c.umap.n_neighbors, c.umap.min_dist) == (2, 15, 0.1)
+    assert c.superpixels.method == "slic" and c.superpixels.region_pixels == 400
+    assert c.acquisition.strategy == "umap-kmeans-entropy" and c.acquisition.region_score == "sum"
+    assert c.model.backbone == "resnet50" and c.train.reinit_each_round is False
+
+
+def test_toml_round_trip(tmp_path) -> None:
+    config = make_config("cpu-small", {"data": {"root": "/data", "dataset": "segnet"}})
+    path = tmp_path / "gpual.toml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+    assert config.model.backbone == "resnet18" and config.data.scale == 0.5
+
+
+def test_presets_are_shipped() -> None:
+    assert {"paper", "cpu-small", "demo"} <= set(preset_names())
+    with pytest.raises(GpualError, match="unknown preset 'nope'"):
+        make_config("nope")
+
+
+def test_partial_file_takes_defaults(tmp_path) -> None:
+    path = tmp_path / "gpual.toml"
+    path.write_text('[train]\nlr = 1\n')
+    config = load_config(path)
+    assert config.train.lr == 1.0 and config.train.batch_size == Config().train.batch_size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[train]\nlearning_rate = 1\n", "unknown key"),
+        ("[train]\nbatch_size = 'five'\n", "must be int"),
+        ("[acquisition]\nstrategy = 'best'\n", "acquisition.strategy"),
+        ("[acquisition]\nbudget = 0\n", "must be positive"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_one_clear_error(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "gpual.toml"
+    path.write_text(text)
+    with pytest.raises(GpualError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
