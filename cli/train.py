@@ -1,0 +1,140 @@
+"""``gpual label``, ``gpual train`` and ``gpual evaluate``: the oracle, training and mIoU of a round."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cli.main import RoundOpt, WorkspaceArg, console, workspace_path
+from gpual.errors import GpualError
+from gpual.workspace import Workspace
+
+TrainDeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when torch sees a GPU; training needs no RAPIDS).")
+OptionalRoundOpt = typer.Option(None, "--round", "-r", help="Round number (0 = the random initial labels).", min=0)
+FullOpt = typer.Option(False, "--full", help="The full-supervision reference (every pool label) in WORKSPACE/full/ instead of a round.")
+
+
+def _round_or_full(round: int | None, full: bool, command: str) -> int | None:
+    if full and round is not None:
+        raise GpualError(f"give --round N or --full to `gpual {command}`, not both", 2)
+    if not full and round is None:
+        raise GpualError(f"`gpual {command}` needs --round N (or --full for the full-supervision reference)", 2)
+    return None if full else round
+
+
+def label(workspace: Path = WorkspaceArg, round: int = RoundOpt) -> None:
+    """Simulated oracle: reveal the ground truth of round N's selected regions.
+
+    Reads rounds/N/query.parquet, rounds/N-1/labeled.parquet, the pool's label files and
+    the superpixel cache; writes rounds/N/labeled.parquet (the cumulative labeled set) and
+    the labeling summary in rounds/N/metrics.json.
+    """
+    from gpual.oracle import label_round
+
+    ws = Workspace.open(workspace_path(workspace))
+    with ws.lock("label"):
+        label_round(ws, round)
+    info = ws.read_metrics(round)["labeling"]
+    console.print(
+        f"round {round}: {info['new_regions']} regions labeled ({info['new_pixels']} pixels, oracle {info['oracle']}); "
+        f"cumulative {info['regions']} regions, {info['pixels']} pixels = {info['labeled_share']:.2%} of the pool"
+    )
+    console.print(f"wrote {ws.labeled_path(round)}; next: gpual train {ws.root} --round {round}")
+
+
+def train(
+    workspace: Path = WorkspaceArg,
+    round: int = OptionalRoundOpt,
+    full: bool = FullOpt,
+    device: str = TrainDeviceOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: train.epochs_per_round, or train.final_epochs with --full)."),
+) -> None:
+    """Train the student (CE + contrastive, EMA teacher, memory bank) on round N's labels.
+
+    Reads rounds/N/labeled.parquet, the pool images and labels, the superpixel cache and
+    rounds/N-1/checkpoint.pt; writes rounds/N/train_state.pt after every epoch (removed at
+    the end), then rounds/N/checkpoint.pt and the training summary in rounds/N/metrics.json.
+    With --full: every pool label, into full/checkpoint.pt and full/metrics.json.
+    """
+    from gpual.training import torch_device, train_full, train_round
+
+    target = _round_or_full(round, full, "train")
+    ws = Workspace.open(workspace_path(workspace))
+    dev = torch_device(device)
+    if target is not None:
+        ws.require(target, "train", "train")  # refuse before taking the lock or reading any image
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with ws.lock("train"), Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("training", total=None, loss="")
+
+        def log(step: dict[str, Any]) -> None:
+            bar.update(task, description=f"epoch {step['epoch']}/{step['epochs']} batch {step['batch']}/{step['batches']}",
+                       loss=f"loss {step['loss']:.4f} (ce {step['ce']:.4f}, nce {step['nce']:.4f})")
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        if target is None:
+            summary = train_full(ws, dev, resume=resume, progress=progress, epochs=epochs, log=log)
+        else:
+            summary = train_round(ws, target, dev, resume=resume, progress=progress, epochs=epochs, log=log)
+    where = "full reference" if target is None else f"round {target}"
+    table = Table("epoch", "mean loss", title=f"{where}: {summary['images']} images, {summary['labeled_pixels']} labeled pixels")
+    for i, loss in enumerate(summary["loss_per_epoch"], 1):
+        table.add_row(str(i), f"{loss:.4f}")
+    console.print(table)
+    rate = summary["images_per_second"]
+    console.print(
+        f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s on {summary['device']}"
+        + (f" ({rate:.1f} images/s)" if rate else "")
+    )
+    flag = "--full" if target is None else f"--round {target}"
+    console.print(f"next: gpual evaluate {ws.root} {flag} --split val")
+
+
+def evaluate(
+    workspace: Path = WorkspaceArg,
+    round: int = OptionalRoundOpt,
+    full: bool = FullOpt,
+    split: str = typer.Option("val", "--split", help="val or test (the config's data.val_split / data.test_split)."),
+    device: str = TrainDeviceOpt,
+) -> None:
+    """mIoU, per-class IoU and confusion matrix of round N's teacher on the val or test split.
+
+    Reads rounds/N/checkpoint.pt and the split's images and labels; writes `evaluation`
+    (and `evaluations.<split>`) into rounds/N/metrics.json (full/metrics.json with --full).
+    """
+    from gpual.evaluation import evaluate as run_evaluation
+    from gpual.training import torch_device
+
+    target = _round_or_full(round, full, "evaluate")
+    if split not in ("val", "test"):
+        raise GpualError(f"--split {split!r} is not val or test", 2)
+    ws = Workspace.open(workspace_path(workspace))
+    dev = torch_device(device)
+    with ws.lock("evaluate"):
+        result = run_evaluation(ws, target, split, dev)
+    where = "full reference" if target is None else f"round {target}"
+    table = Table("class", "IoU", title=f"{where} on '{result['split']}' ({result['images']} images)")
+    for name, iou in result["iou"].items():
+        table.add_row(name, f"{iou:.4f}" if iou is not None else "-")
+    table.add_row("[bold]mIoU[/]", f"[bold]{result['miou']:.4f}[/]")
+    console.print(table)
+    console.print(f"pixel accuracy {result['pixel_accuracy']:.4f}; {result['seconds']:.1f} s on {result['device']}")
+    if target is not None:
+        console.print(f"wrote {ws.metrics_path(target)}; next: gpual select {ws.root} --round {target + 1}")
+    else:
+        console.print(f"wrote {ws.full_dir / 'metrics.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    # cli.main._register_all may run more than once in one process (tests): register once.
+    names = {command.name for command in app.registered_commands}
+    for name, function in (("label", label), ("train", train), ("evaluate", evaluate)):
+        if name not in names:
+            app.command(name)(function)

@@ -1,0 +1,102 @@
+"""``gpual evaluate``: mIoU, per-class IoU and the confusion matrix of a round's teacher
+on the val or test split, at the working scale, void (255) ignored.
+
+The teacher (EMA) is the model the method hands on, so it is the one evaluated; the
+projection head is not run (:meth:`SegmentationModel.segment`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gpual.errors import GpualError
+from gpual.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from gpual.model import normalize
+from gpual.training import load_checkpoint, pad_collate, read_full_metrics, update_full_metrics
+from gpual.workspace import Workspace
+
+
+class _LabeledImages(Dataset):
+    """Item i: (image (H, W, 3) uint8, label (H, W) uint8) CPU tensors of a split at ``scale``."""
+
+    def __init__(self, spec: Any, samples: list[Any], scale: float) -> None:
+        self.spec, self.samples, self.scale = spec, samples, scale
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from gpual.datasets import load_pair
+
+        image, label = load_pair(self.spec, self.samples[i], self.scale)
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def split_name(ws: Workspace, split: str) -> str:
+    """``val`` / ``test`` -> the config's split folder names; any other name is used as is."""
+    return {"val": ws.config.data.val_split, "test": ws.config.data.test_split}.get(split, split)
+
+
+def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device) -> dict[str, Any]:
+    """Evaluate round ``round``'s teacher (``None``: the full-supervision reference) on ``split``.
+
+    Returns and records ``{"split", "miou", "iou": {class: IoU or None}, "confusion": C x C
+    counts (rows = truth), "pixel_accuracy", "images", "seconds", ...}`` as ``evaluation``
+    (the latest) and ``evaluations[split]`` in the round's metrics JSON (``full/metrics.json``
+    for the reference). Refuses when the model is not trained.
+    """
+    from gpual.datasets import open_dataset
+
+    if round is None:
+        path = ws.full_dir / "checkpoint.pt"
+        if not path.exists():
+            raise GpualError(f"the full-supervision reference is not trained: run `gpual train {ws.root} --full` first")
+    else:
+        ws.require(round, "evaluate", "evaluate")
+        path = ws.checkpoint_path(round)
+    _, teacher, _, meta = load_checkpoint(path, device)
+    spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
+    name = split_name(ws, split)
+    samples = spec.samples(name)
+    classes = list(spec.classes)
+    if len(classes) != teacher.num_classes:
+        raise GpualError(f"{path} predicts {teacher.num_classes} classes but {spec.root} has {len(classes)}: evaluate on the dataset it was trained on")
+
+    amp = ws.config.train.amp and device.type == "cuda"
+    loader = DataLoader(_LabeledImages(spec, samples, ws.config.data.scale), batch_size=ws.config.acquisition.batch_size,
+                        collate_fn=pad_collate, num_workers=ws.config.train.num_workers, pin_memory=device.type == "cuda")
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = teacher.segment(normalize(images))
+            confusion += confusion_matrix(logits.argmax(1), labels, len(classes), spec.ignore_index)
+    seconds = time.perf_counter() - t0
+    confusion = confusion.cpu()
+    ious = iou_per_class(confusion)
+    result = {
+        "split": name,
+        "miou": mean_iou(confusion),
+        "iou": dict(zip(classes, ious)),
+        "pixel_accuracy": pixel_accuracy(confusion),
+        "confusion": confusion.tolist(),
+        "classes": classes,
+        "images": len(samples),
+        "seconds": seconds,
+        "device": str(device),
+        "weights": "teacher",
+        "scale": ws.config.data.scale,
+        "round": round,
+    }
+    if round is None:
+        evaluations = {**read_full_metrics(ws).get("evaluations", {}), name: result}
+        update_full_metrics(ws, evaluation=result, evaluations=evaluations)
+    else:
+        evaluations = {**ws.read_metrics(round).get("evaluations", {}), name: result}
+        ws.update_metrics(round, evaluation=result, evaluations=evaluations)
+    return result

@@ -1,0 +1,296 @@
+"""Training: a few steps learn, rounds write checkpoints, resume is exact, rounds chain,
+evaluation writes mIoU, the full reference, and the CLI's train/evaluate/label."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cli_runner import run_cli
+from gpual.errors import GpualError
+from gpual.workspace import Workspace
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gpual.synthetic import make_scenes
+
+    return make_scenes(tmp_path_factory.mktemp("data") / "scenes", n_train=6, n_val=2, height=48, width=64).root
+
+
+def labeled_workspace(root: Path, scenes: Path, budget: int = 60) -> Workspace:
+    """Demo preset on the scenes, superpixels, a random round-0 query of ``budget`` regions, labeled."""
+    from gpual.acquisition import acquire
+    from gpual.backend import cpu_backend
+    from gpual.config import make_config
+    from gpual.oracle import label_round
+    from gpual.superpixels import build_cache
+
+    ws = Workspace.create(root, make_config("demo", {"data": {"root": str(scenes), "dataset": "folder"}}))
+    build_cache(ws, workers=1)
+    acquire(ws, 0, cpu_backend(), budget=budget)
+    label_round(ws, 0)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def trained_ws(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> tuple[Workspace, dict]:
+    from gpual.training import train_round
+
+    ws = labeled_workspace(tmp_path_factory.mktemp("trained") / "ws", scenes)
+    return ws, train_round(ws, 0, CPU, epochs=2)
+
+
+# --- pieces -----------------------------------------------------------------------------
+
+
+def test_torch_device() -> None:
+    from gpual.training import torch_device
+
+    assert torch_device("cpu") == CPU
+    assert torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(GpualError, match="not one of") as err:
+        torch_device("tpu")
+    assert err.value.exit_code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(GpualError, match="--device cuda") as err:
+            torch_device("cuda")
+        assert err.value.exit_code == 2
+
+
+def test_random_hflip_flips_image_and_target_together() -> None:
+    from gpual.training import pad_collate, random_hflip
+
+    images = torch.arange(4 * 2 * 3 * 3, dtype=torch.uint8).reshape(4, 2, 3, 3)
+    targets = images[..., 0].clone()
+    out_images, out_targets = random_hflip(images, targets, torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(out_images[i], images[i].flip(1))) for i in range(4)]
+    assert any(flipped) and not all(flipped)  # this seed flips some of the four
+    for i, f in enumerate(flipped):
+        assert torch.equal(out_targets[i], targets[i].flip(1) if f else targets[i])
+        assert f or torch.equal(out_images[i], images[i])
+    batch = pad_collate([(torch.ones(2, 3, 3, dtype=torch.uint8), torch.zeros(2, 3, dtype=torch.uint8)),
+                         (torch.ones(3, 2, 3, dtype=torch.uint8), torch.ones(3, 2, dtype=torch.uint8))])
+    assert batch[0].shape == (2, 3, 3, 3) and batch[1].shape == (2, 3, 3)
+    assert batch[1][0, 2].tolist() == [255, 255, 255] and batch[1][1, :, 2].tolist() == [255, 255, 255]
+    assert batch[0][0, 2].sum() == 0
+
+
+def test_a_few_steps_lower_the_loss_and_raise_miou(scenes: Path) -> None:
+    from gpual.config import make_config
+    from gpual.datasets import load_pair, open_dataset
+    from gpual.memory_bank import MemoryBank
+    from gpual.metrics import confusion_matrix, mean_iou
+    from gpual.model import build_model, normalize
+    from gpual.teacher import make_teacher
+    from gpual.training import Trainer, make_optimizer, train_step
+
+    spec = open_dataset("folder", scenes)
+    pairs = [load_pair(spec, s) for s in spec.samples("train")]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
+    torch.manual_seed(0)
+    config = make_config("demo")
+    model = build_model(config.model, spec.num_classes)
+    bank = MemoryBank(spec.num_classes, config.contrastive.bank_size, config.model.projection_dim, CPU)
+    t = Trainer(model, make_teacher(model), bank, make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False),
+                config, amp=False)
+
+    def miou() -> float:
+        model.eval()
+        with torch.no_grad():
+            pred = model.segment(normalize(images)).argmax(1)
+        model.train()
+        return mean_iou(confusion_matrix(pred, labels, spec.num_classes))
+
+    before = miou()
+    g = torch.Generator().manual_seed(0)
+    stats = [train_step(t, images, labels, g) for _ in range(12)]
+    after = miou()
+    assert stats[-1]["loss"] < 0.75 * stats[0]["loss"], [s["loss"] for s in stats]
+    assert after > before + 0.1, (before, after)
+    assert stats[0]["anchors"] == 0 and stats[-1]["anchors"] > 0  # cold start, then the bank has entries
+    assert (bank.filled() > 0).all()
+    # The teacher moved towards the student, by EMA (not a copy).
+    s, te = model.classifier[4].weight, t.teacher.classifier[4].weight
+    assert not torch.equal(s, te)
+
+
+# --- rounds -----------------------------------------------------------------------------
+
+
+def test_train_round_writes_checkpoint_and_evaluate_writes_miou(trained_ws) -> None:
+    from gpual.evaluation import evaluate
+    from gpual.training import load_checkpoint
+
+    ws, summary = trained_ws
+    assert ws.checkpoint_path(0).exists() and not ws.resume_path(0).exists()
+    assert summary["epochs"] == 2 and len(summary["loss_per_epoch"]) == 2 and summary["images"] == 6
+    assert summary["labeled_pixels"] == ws.read_labeled(0)["pixels"].sum() - _void_pixels(ws)
+    assert ws.read_metrics(0)["training"]["final_loss"] == pytest.approx(summary["final_loss"])
+    student, teacher, bank, meta = load_checkpoint(ws.checkpoint_path(0), CPU)
+    assert student.training and not teacher.training
+    assert meta["num_classes"] == 5 and meta["model"]["backbone"] == "resnet18"
+    assert bank.filled().sum() > 0 and bank.vectors()[0].shape[1] == 128
+    assert not torch.equal(student.classifier[4].weight, teacher.classifier[4].weight)
+
+    result = evaluate(ws, 0, "val", CPU)
+    assert 0.0 <= result["miou"] <= 1.0 and set(result["iou"]) == {"background", "disc", "box", "triangle", "stripe"}
+    confusion = np.array(result["confusion"])
+    from gpual.datasets import load_pair, open_dataset
+
+    spec = open_dataset("folder", ws.config.data.root)
+    labeled = sum(int((load_pair(spec, s)[1] != 255).sum()) for s in spec.samples("val"))
+    assert confusion.shape == (5, 5) and confusion.sum() == labeled
+    metrics = ws.read_metrics(0)
+    assert metrics["evaluation"]["miou"] == result["miou"] and "val" in metrics["evaluations"]
+    assert ws.round_state(0).evaluated
+    with pytest.raises(GpualError, match="split 'test' not found"):
+        evaluate(ws, 0, "test", CPU)
+    from gpual.training import train_round
+
+    with pytest.raises(GpualError, match="already exists"):
+        train_round(ws, 0, CPU)
+
+
+def _void_pixels(ws: Workspace) -> int:
+    """Void pixels inside the labeled regions (counted in `pixels`, not trained on)."""
+    from gpual.datasets import open_dataset, read_label
+    from gpual.superpixels import load_superpixels
+
+    spec = open_dataset("folder", ws.config.data.root)
+    samples = {s.id: s for s in spec.samples("train")}
+    total = 0
+    for image, group in ws.read_labeled(0).groupby("image"):
+        inside = np.isin(load_superpixels(ws, image), group["region"].to_numpy())
+        total += int((read_label(spec, samples[image].label)[inside] == 255).sum())
+    return total
+
+
+def test_interrupted_training_resumes_exactly(trained_ws, tmp_path: Path, scenes: Path) -> None:
+    from gpual.training import load_checkpoint, train_round
+
+    reference, _ = trained_ws
+    ws = labeled_workspace(tmp_path / "ws", scenes)
+    pd.testing.assert_frame_equal(ws.read_labeled(0), reference.read_labeled(0))
+
+    def interrupt(done: int, total: int) -> None:
+        if done > total // 2:  # after the first step of epoch 2: epoch 1 is saved, epoch 2 is not
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_round(ws, 0, CPU, epochs=2, progress=interrupt)
+    assert ws.resume_path(0).exists() and not ws.checkpoint_path(0).exists()
+    with pytest.raises(GpualError, match="--resume"):
+        train_round(ws, 0, CPU, epochs=2)
+    summary = train_round(ws, 0, CPU, resume=True, epochs=2)
+    assert summary["resumed_from_epoch"] == 1 and not ws.resume_path(0).exists()
+    a = load_checkpoint(reference.checkpoint_path(0), CPU)
+    b = load_checkpoint(ws.checkpoint_path(0), CPU)
+    for model_a, model_b in ((a[0], b[0]), (a[1], b[1])):
+        for (name, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+            assert torch.equal(x, y), name
+    assert torch.equal(a[2].vectors()[0], b[2].vectors()[0])
+    with pytest.raises(GpualError, match="nothing to resume"):
+        ws.checkpoint_path(0).unlink()
+        train_round(ws, 0, CPU, resume=True, epochs=2)
+
+
+def test_next_round_continues_from_the_last_one(trained_ws) -> None:
+    from gpual.acquisition import acquire
+    from gpual.backend import cpu_backend
+    from gpual.model import build_model
+    from gpual.oracle import label_round
+    from gpual.training import load_checkpoint, train_round
+
+    ws, _ = trained_ws
+    round0 = ws.read_labeled(0)
+    # A query that repeats a labeled region is refused by the oracle.
+    bad = round0.iloc[:2][["image", "region"]].assign(round=1, strategy="random", score=0.0, pixels=1)
+    ws.write_query(1, bad)
+    with pytest.raises(GpualError, match="already labeled before round 1"):
+        label_round(ws, 1)
+    assert not ws.labeled_path(1).exists()
+    acquire(ws, 1, cpu_backend(), strategy="random", budget=20, force=True)
+    table = label_round(ws, 1)
+    assert len(table) == len(round0) + 20 and (table["round"].to_numpy() == [0] * len(round0) + [1] * 20).all()
+
+    train_round(ws, 1, CPU, epochs=1)
+    _, teacher0, bank0, _ = load_checkpoint(ws.checkpoint_path(0), CPU)
+    _, teacher1, bank1, _ = load_checkpoint(ws.checkpoint_path(1), CPU)
+    fresh = build_model(ws.config.model, 5)
+
+    def distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+        return sum(float((x - y).detach().norm()) for x, y in zip(a.parameters(), b.parameters()))
+
+    # One step of EMA at 0.99 moves the teacher by 1% of the student's lead: far closer than any fresh model.
+    assert distance(teacher1, teacher0) < 0.05 * distance(fresh, teacher0)
+    old = {tuple(v.tolist()) for v in bank0.vectors()[0][:5]}
+    assert old & {tuple(v.tolist()) for v in bank1.vectors()[0]}  # the bank carried over (FIFO not yet full of new ones)
+
+
+def test_full_reference_trains_and_evaluates(trained_ws) -> None:
+    import json
+
+    from gpual.evaluation import evaluate
+    from gpual.training import train_full
+
+    ws, _ = trained_ws
+    summary = train_full(ws, CPU, epochs=1)
+    assert summary["images"] == 6 and (ws.full_dir / "checkpoint.pt").exists()
+    result = evaluate(ws, None, "val", CPU)
+    stored = json.loads((ws.full_dir / "metrics.json").read_text())
+    assert stored["evaluation"]["miou"] == result["miou"] and stored["training"]["epochs"] == 1
+
+
+def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
+    from gpual.config import make_config
+    from gpual.evaluation import evaluate
+    from gpual.training import train_round
+
+    ws = Workspace.create(tmp_path / "ws", make_config("demo", {"data": {"root": str(scenes), "dataset": "folder"}}))
+    with pytest.raises(GpualError, match="no select step"):
+        train_round(ws, 0, CPU)
+    with pytest.raises(GpualError, match="round 0 is not trained"):
+        train_round(ws, 1, CPU)
+    with pytest.raises(GpualError, match="no select step"):
+        evaluate(ws, 0, "val", CPU)
+    with pytest.raises(GpualError, match="gpual train .* --full"):
+        evaluate(ws, None, "val", CPU)
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+
+def test_cli_label_train_evaluate(capsys, tmp_path: Path, scenes: Path) -> None:
+    from gpual.acquisition import acquire
+    from gpual.backend import cpu_backend
+    from gpual.config import make_config
+    from gpual.superpixels import build_cache
+
+    ws = Workspace.create(tmp_path / "ws", make_config("demo", {"data": {"root": str(scenes), "dataset": "folder"}}))
+    build_cache(ws, workers=1)
+    acquire(ws, 0, cpu_backend(), budget=40)
+    r = run_cli(capsys, "label", ws.root, "--round", "0")
+    assert r.code == 0, r.err
+    assert "40 regions labeled" in r.out
+    r = run_cli(capsys, "train", ws.root)
+    assert r.code == 2 and "--round N" in r.err
+    r = run_cli(capsys, "train", ws.root, "--round", "0", "--full")
+    assert r.code == 2 and "not both" in r.err
+    r = run_cli(capsys, "evaluate", ws.root, "--round", "0")
+    assert r.code == 1 and "no train step" in r.err
+    r = run_cli(capsys, "train", ws.root, "--round", "0", "--epochs", "1", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "trained 1 epochs" in r.out and ws.checkpoint_path(0).exists()
+    r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--split", "val", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "mIoU" in r.out and "stripe" in r.out
+    assert ws.read_metrics(0)["evaluation"]["split"] == "val"
+    r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--split", "train")
+    assert r.code == 2 and "val or test" in r.err
