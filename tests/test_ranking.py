@@ -1,0 +1,103 @@
+"""cluster_argmax, select_per_cluster and top_k against naive loops (ties, empty clusters)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpual.errors import GpualError
+from gpual.ranking import cluster_argmax, select_per_cluster, stable_argsort, top_k
+
+
+def _naive_argmax(scores: np.ndarray, clusters: np.ndarray, k: int) -> np.ndarray:
+    best = np.full(k, -1, dtype=np.int64)
+    for i, (s, c) in enumerate(zip(scores, clusters)):
+        if best[c] == -1 or s > scores[best[c]]:  # strict: the first (lowest) index wins ties
+            best[c] = i
+    return best
+
+
+def _order(scores: np.ndarray, idx) -> list[int]:
+    """Descending score, ties by lowest index."""
+    return sorted(idx, key=lambda i: (-scores[i], i))
+
+
+def _naive_select(scores: np.ndarray, clusters: np.ndarray, k: int, budget: int) -> list[int]:
+    winners = [int(i) for i in _naive_argmax(scores, clusters, k) if i >= 0]
+    picked = _order(scores, winners)[:budget]
+    rest = [i for i in _order(scores, range(len(scores))) if i not in picked]
+    return _order(scores, picked + rest[: budget - len(picked)])
+
+
+def _random_case(rng: np.random.Generator, n: int, k: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    # Few score levels -> many ties; clusters drawn from a subset -> empty clusters.
+    scores = rng.integers(0, levels, n).astype(np.float32) / levels
+    used = rng.choice(k, size=max(1, k // 2), replace=False)
+    return scores, rng.choice(used, size=n).astype(np.int64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cluster_argmax_equals_naive_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 200)), int(rng.integers(1, 30))
+    scores, clusters = _random_case(rng, n, k, levels=int(rng.integers(2, 6)))
+    got = cluster_argmax(scores, clusters, k)
+    assert got.dtype == np.int64 and got.shape == (k,)
+    np.testing.assert_array_equal(got, _naive_argmax(scores, clusters, k))
+
+
+def test_cluster_argmax_hand_case() -> None:
+    scores = np.array([0.2, 0.9, 0.9, 0.1, 0.5, 0.5], dtype=np.float32)
+    clusters = np.array([0, 0, 0, 3, 3, 1])
+    # cluster 0: tie 1/2 -> 1; cluster 1: 5; cluster 2: empty; cluster 3: 4.
+    np.testing.assert_array_equal(cluster_argmax(scores, clusters, 4), [1, 5, -1, 4])
+    np.testing.assert_array_equal(cluster_argmax(scores[:0], clusters[:0], 2), [-1, -1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_select_per_cluster_equals_naive_with_top_up(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(5, 150))
+    k = int(rng.integers(2, min(n, 25) + 1))
+    scores, clusters = _random_case(rng, n, k, levels=4)
+    got = select_per_cluster(scores, clusters, k, k)
+    assert got.dtype == np.int64 and got.shape == (k,)
+    assert len(set(got.tolist())) == k
+    winners = {int(i) for i in _naive_argmax(scores, clusters, k) if i >= 0}
+    assert winners <= set(got.tolist())  # empty clusters exist: the rest is top-up
+    assert len(winners) < k
+    assert got.tolist() == _naive_select(scores, clusters, k, k)
+
+
+def test_select_per_cluster_hand_case() -> None:
+    scores = np.array([1.0, 3.0, 3.0, 2.0, 5.0, 5.0, 0.0], dtype=np.float32)
+    clusters = np.array([0, 0, 0, 2, 2, 2, 3])
+    # winners: cluster 0 -> 1, cluster 2 -> 4, cluster 3 -> 6; cluster 1 empty -> top-up with 5.
+    assert select_per_cluster(scores, clusters, 4, 4).tolist() == [4, 5, 1, 6]
+    # budget below the winners' count keeps the best winners.
+    assert select_per_cluster(scores, clusters, 4, 2).tolist() == [4, 1]
+    # budget above k tops up further.
+    assert select_per_cluster(scores, clusters, 4, 6).tolist() == [4, 5, 1, 2, 3, 6]
+
+
+def test_select_per_cluster_budget_bounds() -> None:
+    scores = np.zeros(3, dtype=np.float32)
+    with pytest.raises(GpualError, match="budget of 4 regions .* 3 candidate"):
+        select_per_cluster(scores, np.zeros(3, dtype=np.int64), 1, 4)
+
+
+def test_top_k_ties_lowest_index_first() -> None:
+    scores = np.array([1.0, 2.0, 2.0, 0.5, 2.0, 3.0], dtype=np.float32)
+    assert top_k(scores, 3).tolist() == [5, 1, 2]
+    assert top_k(scores, 6).tolist() == [5, 1, 2, 4, 0, 3]
+    assert top_k(scores, 0).tolist() == []
+    rng = np.random.default_rng(7)
+    many = rng.integers(0, 3, 500).astype(np.float32)
+    assert top_k(many, 200).tolist() == _order(many, range(500))[:200]
+    with pytest.raises(GpualError, match="7 regions .* 6 candidate"):
+        top_k(scores, 7)
+
+
+def test_stable_argsort_descending_keeps_index_order() -> None:
+    x = np.array([2, 1, 2, 1, 2], dtype=np.int64)
+    assert stable_argsort(x).tolist() == [1, 3, 0, 2, 4]
+    assert stable_argsort(x, descending=True).tolist() == [0, 2, 4, 1, 3]
