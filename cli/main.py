@@ -13,8 +13,8 @@ from rich.console import Console
 
 from gpual.errors import GpualError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # commands and paths stay on one line, copy-pasteable
+err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="gpual",
@@ -26,7 +26,7 @@ app = typer.Typer(
 
 # Shared option definitions: one place for their help text.
 WorkspaceArg = typer.Argument(..., help="Workspace folder (created by `gpual init`).", show_default=False)
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when torch sees a GPU and RAPIDS imports).")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when torch sees a GPU; selection also needs cuML/cuDF there).")
 RoundOpt = typer.Option(..., "--round", "-r", help="Round number (0 = the random initial labels).", min=0)
 
 
@@ -65,13 +65,24 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # usage errors come through here in non-standalone mode
+        show = getattr(exc, "show", None)
+        if isinstance(exc, _usage_error_types()) and callable(show):
+            show()
+            sys.exit(getattr(exc, "exit_code", 2))
         raise
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Click's exception base: vendored as ``typer._click`` since typer 0.26, plain
+    ``click`` before (a RAPIDS container may ship either)."""
+    types: list[type[BaseException]] = [typer.exceptions.TyperException] if hasattr(typer, "exceptions") else []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            continue
+    return tuple(types)
 
 
 if __name__ == "__main__":

@@ -17,5 +17,8 @@ class GpualError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self):  # keep exit_code across process boundaries (worker pools)
+        return (type(self), (self.args[0], self.exit_code))
+
     def __str__(self) -> str:  # one line, always
         return " ".join(str(self.args[0]).split())

@@ -1,0 +1,186 @@
+"""Per-stage acquisition latency: the GPU path and the CPU twin on the same inputs.
+
+Two parts:
+
+1. **Pool** (``--workspace WS --round N``): a real workspace whose round N is trained.
+   Times teacher forward and pooling over the whole pool, then every stage after pooling,
+   exactly as ``gpual select --round N+1`` runs them (nothing is written to WS).
+2. **Sweep** (``--sweep 10000,100000,...``): generated pooled features (unit vectors around
+   class centres, as a trained embedding looks; a bank of 1000 vectors per class) for the
+   stages after pooling, so region counts up to Cityscapes size (4M) need no dataset.
+
+Each stage is timed with device synchronisation around it, after a warm-up run, as the
+median of ``--repeats``; peak memory is host RSS and, on CUDA, the torch and CuPy
+allocators' peaks. Results: a table, JSON in benchmarks/results/, and a log-log PNG.
+
+    python benchmarks/acquisition.py --sweep 10000,40000,160000 --device cpu
+    python benchmarks/acquisition.py --workspace ws --round 0 --device both
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
+
+from gpual.backend import Backend, get_backend  # noqa: E402
+from gpual.config import KMeansConfig, UmapConfig  # noqa: E402
+from gpual.pooling import RegionStats  # noqa: E402
+from gpual.strategies import select_regions  # noqa: E402
+
+STAGES = ("forward", "pooling", "handoff", "umap_fit", "umap_transform", "kmeans", "ranking", "manifest")
+
+
+def synthetic_stats(n_regions: int, dim: int, n_classes: int, bank_per_class: int, device: torch.device, seed: int = 0
+                    ) -> tuple[RegionStats, torch.Tensor]:
+    """Pooled statistics of ``n_regions`` regions and a memory bank, made on ``device``.
+
+    Embeddings are unit vectors scattered around ``n_classes`` random centres (noise 0.3),
+    entropies uniform in [0, log2 C] times a region size of ~400 px.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(n_classes, dim, generator=g, device=device), dim=1)
+
+    def around(n: int) -> torch.Tensor:
+        cls = torch.randint(0, n_classes, (n,), generator=g, device=device)
+        x = centres[cls] + 0.3 * torch.randn(n, dim, generator=g, device=device)
+        return torch.nn.functional.normalize(x, dim=1)
+
+    pixels = torch.randint(200, 600, (n_regions,), generator=g, device=device)
+    entropy_mean = torch.rand(n_regions, generator=g, device=device) * float(np.log2(n_classes))
+    stats = RegionStats(
+        embedding=around(n_regions),
+        entropy_sum=entropy_mean * pixels,
+        entropy_mean=entropy_mean,
+        margin_mean=torch.rand(n_regions, generator=g, device=device),
+        maxprob_mean=torch.rand(n_regions, generator=g, device=device),
+        bald=None,
+        pixels=pixels,
+    )
+    return stats, around(n_classes * bank_per_class)
+
+
+def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, budget: int, strategy: str,
+                   repeats: int) -> dict[str, Any]:
+    """Median per-stage seconds of ``select_regions`` (+ the manifest frame) over ``repeats`` runs after one warm-up."""
+    candidates = torch.arange(len(stats.pixels), device=backend.device)
+    runs: list[dict[str, float]] = []
+    for i in range(repeats + 1):
+        if backend.is_cuda:
+            torch.cuda.reset_peak_memory_stats(backend.device)
+        selection = select_regions(
+            strategy, backend, stats, candidates, budget, bank_vectors=bank, region_score="sum",
+            umap_cfg=UmapConfig(), kmeans_cfg=KMeansConfig(), seed=0, labeled_embedding=None,
+        )
+        backend.synchronize()
+        t0 = time.perf_counter()
+        frame = backend.frame.DataFrame({"region": selection.indices, "score": selection.scores})
+        frame.to_parquet(f"/tmp/gpual-bench-{backend.name}.parquet", index=False)
+        backend.synchronize()
+        timings = dict(selection.timings)
+        timings["manifest"] = time.perf_counter() - t0
+        timings["total"] = sum(v for k, v in timings.items() if k in STAGES)
+        if i > 0:  # run 0 is the warm-up (JIT compilation, allocator growth)
+            runs.append(timings)
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["peak_rss_mb"] = peak_rss_mb()
+    if backend.is_cuda:
+        out["peak_device_mb_torch"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
+        pool = backend.xp.get_default_memory_pool()
+        out["device_pool_mb_cupy"] = pool.total_bytes() / 2**20
+    return out
+
+
+def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, strategy: str) -> dict[str, Any]:
+    """Teacher forward + pooling over a real workspace's pool, then the selection stages."""
+    from gpual.acquisition import _pool_with_teacher
+    from gpual.superpixels import read_index
+    from gpual.workspace import Workspace
+
+    ws = Workspace.open(ws_path)
+    index = read_index(ws)
+    n_regions = int(index["n_regions"].sum())
+    forwards = []
+    for i in range(repeats + 1):
+        stats, bank, timings = _pool_with_teacher(ws, round + 1, backend, index, n_regions, strategy, None)
+        if i > 0:
+            forwards.append(timings)
+    budget = max(1, n_regions // 100)
+    result = time_selection(backend, stats, bank, budget, strategy, repeats)
+    result["forward"] = statistics.median(t["forward"] for t in forwards)
+    result["pooling"] = statistics.median(t["pooling"] for t in forwards)
+    result.update(images=len(index), regions=n_regions, budget=budget)
+    return result
+
+
+def plot(sweep: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for device, rows in sweep.items():
+        xs = [r["regions"] for r in rows]
+        for stage in ("umap_fit", "umap_transform", "kmeans", "ranking", "handoff", "total"):
+            ys = [max(r.get(stage, 0.0), 1e-6) for r in rows]
+            ax.plot(xs, ys, marker="o", linestyle="-" if device == "cuda" else "--", label=f"{device} {stage}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("regions in the pool")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("gpual acquisition stages vs pool size")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="both", choices=("cpu", "cuda", "both"))
+    parser.add_argument("--workspace", type=Path, help="workspace with a trained round (real pool features)")
+    parser.add_argument("--round", type=int, default=0, help="the trained round whose teacher scores the pool")
+    parser.add_argument("--sweep", default="10000,40000,160000", help="comma-separated region counts")
+    parser.add_argument("--cpu-max-regions", type=int, default=160_000,
+                        help="skip the CPU twin above this size (umap-learn's transform takes minutes beyond it)")
+    parser.add_argument("--strategy", default="umap-kmeans-entropy")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
+    backends = {d: get_backend(d) for d in devices}
+    payload: dict[str, Any] = {"machine": machine_info(), "strategy": args.strategy, "repeats": args.repeats,
+                               "versions": {d: b.versions() for d, b in backends.items()}}
+    if args.workspace:
+        payload["pool"] = {d: pool_benchmark(args.workspace, args.round, b, args.repeats, args.strategy) for d, b in backends.items()}
+    sweep: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
+    for n in (int(s) for s in args.sweep.split(",") if s):
+        for d, b in backends.items():
+            if d == "cpu" and n > args.cpu_max_regions:
+                continue
+            stats, bank = synthetic_stats(n, 128, 11, 1000, b.device)
+            row = time_selection(b, stats, bank, max(1, n // 100), args.strategy, args.repeats)
+            row.update(regions=n, budget=max(1, n // 100))
+            sweep[d].append(row)
+            print(f"{d:>4} {n:>9} regions: " + ", ".join(f"{k} {row[k]:.3f}s" for k in STAGES if k in row), flush=True)
+    payload["sweep"] = sweep
+    if "cpu" in sweep and "cuda" in sweep:
+        payload["speedup"] = [
+            {"regions": c["regions"], **{k: c[k] / g[k] for k in STAGES if k in c and k in g and g[k] > 0}}
+            for c in sweep["cpu"] for g in sweep["cuda"] if c["regions"] == g["regions"]
+        ]
+    path = write_result("acquisition", payload)
+    plot(sweep, path.with_suffix(".png"))
+    print(f"plot: {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Learning curves: mIoU vs labelled pixel share per round, for several strategies and seeds,
+against the full-supervision reference trained with the same network and schedule.
+
+    python benchmarks/al_curve.py --data ../shared/datasets/camvid --dataset camvid \\
+        --preset cpu-small --strategies umap-kmeans-entropy,entropy,random --seeds 0,1 --rounds 4
+    python benchmarks/al_curve.py --synthetic --preset demo --rounds 3     # no dataset needed
+
+Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
+once and copied). Writes JSON + a markdown table in benchmarks/results/ and a PNG with
+the mean and spread (min..max) over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine_info, write_result  # noqa: E402
+
+from gpual.backend import get_backend  # noqa: E402
+from gpual.config import make_config  # noqa: E402
+from gpual.loop import LoopOptions, run_loop  # noqa: E402
+from gpual.workspace import Workspace  # noqa: E402
+
+
+def workspace_for(out: Path, name: str, base: Workspace, overrides: dict[str, Any], preset: str) -> Workspace:
+    """A workspace for one run, sharing the base workspace's superpixel cache (copied)."""
+    root = out / name
+    if (root / "gpual.toml").exists():
+        return Workspace.open(root)
+    ws = Workspace.create(root, make_config(preset, overrides))
+    shutil.copytree(base.superpixel_dir, ws.superpixel_dir, dirs_exist_ok=True)
+    return ws
+
+
+def full_reference(base: Workspace, device: Any, split: str) -> float:
+    """mIoU of the same network and schedule trained on every pool label (cached in base/full)."""
+    import json
+
+    from gpual.evaluation import evaluate
+    from gpual.training import train_full
+
+    metrics = base.full_dir / "metrics.json"
+    if metrics.exists():
+        miou = json.loads(metrics.read_text()).get("evaluation", {}).get("miou")
+        if miou is not None:
+            return float(miou)
+    train_full(base, device, resume=(base.full_dir / "train_state.pt").exists())
+    return float(evaluate(base, None, split, device)["miou"])
+
+
+def plot(curves: dict[str, list[list[dict[str, Any]]]], full: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for strategy, runs in curves.items():
+        share = np.array([[row["labeled_share"] for row in run] for run in runs], dtype=float) * 100
+        miou = np.array([[row["miou"] for row in run] for run in runs], dtype=float)
+        ax.plot(share.mean(0), miou.mean(0), marker="o", label=strategy)
+        ax.fill_between(share.mean(0), miou.min(0), miou.max(0), alpha=0.2)
+    ax.axhline(full, color="k", linestyle="--", label=f"full supervision ({full:.3f})")
+    ax.axhline(0.95 * full, color="gray", linestyle=":", label="95% of full")
+    ax.set_xlabel("labelled pixels (% of pool)")
+    ax.set_ylabel("mIoU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(curves: dict[str, list[list[dict[str, Any]]]], full: float) -> str:
+    lines = ["| strategy | round | labelled pixels | mIoU (mean over seeds) | % of full |", "|---|---:|---:|---:|---:|"]
+    for strategy, runs in curves.items():
+        for r in range(len(runs[0])):
+            share = np.mean([run[r]["labeled_share"] for run in runs]) * 100
+            miou = np.mean([run[r]["miou"] for run in runs])
+            lines.append(f"| {strategy} | {r} | {share:.2f}% | {miou:.4f} | {100 * miou / full:.1f}% |")
+    lines.append(f"| full supervision | - | 100% | {full:.4f} | 100% |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--dataset", default="camvid")
+    parser.add_argument("--synthetic", action="store_true", help="use generated scenes instead of --data")
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--strategies", default="umap-kmeans-entropy,entropy,random")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget", type=int, help="regions per round after round 0 (default: the preset's)")
+    parser.add_argument("--init-budget", type=int, help="round-0 regions (default: the preset's)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gpual-al-curve"))
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.synthetic:
+        from gpual.synthetic import make_scenes
+
+        data, kind = make_scenes(args.out / "data").root, "folder"
+    else:
+        if args.data is None:
+            parser.error("give --data PATH or --synthetic")
+        data, kind = args.data.resolve(), args.dataset
+    acquisition: dict[str, Any] = {}
+    if args.budget:
+        acquisition["budget"] = args.budget
+    if args.init_budget:
+        acquisition["init_budget"] = args.init_budget
+    common = {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition}
+    backend = get_backend(args.device)
+
+    from gpual.superpixels import build_cache
+
+    base_root = args.out / "base"
+    base = Workspace.open(base_root) if (base_root / "gpual.toml").exists() else Workspace.create(base_root, make_config(args.preset, common))
+    build_cache(base)
+    full = full_reference(base, backend.device, args.split)
+
+    curves: dict[str, list[list[dict[str, Any]]]] = {}
+    for strategy in args.strategies.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            overrides = {**common, "acquisition": {**acquisition, "strategy": strategy, "seed": seed}, "train": {"seed": seed}}
+            ws = workspace_for(args.out, f"{strategy}-seed{seed}", base, overrides, args.preset)
+            t0 = time.perf_counter()
+            rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split))
+            print(f"{strategy} seed {seed}: " + ", ".join(f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}" for r in rows)
+                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            curves.setdefault(strategy, []).append(rows)
+
+    table = markdown(curves, full)
+    print(table)
+    payload = {
+        "machine": machine_info(),
+        "versions": backend.versions(),
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "preset": args.preset,
+        "data": str(data),
+        "rounds": args.rounds,
+        "full_supervision_miou": full,
+        "curves": curves,
+        "ratio_to_full": {s: [[row["miou"] / full for row in run] for run in runs] for s, runs in curves.items()},
+        "wall_seconds": time.perf_counter() - start,
+    }
+    path = write_result("al_curve", payload)
+    path.with_suffix(".md").write_text(table)
+    plot(curves, full, path.with_suffix(".png"))
+    print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""``gpual select``, ``gpual run`` and ``gpual demo``: acquisition rounds and the full loop."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.main import DeviceOpt, RoundOpt, WorkspaceArg, console, workspace_path
+from gpual.config import STRATEGIES
+from gpual.workspace import CONFIG_NAME, Workspace
+
+StrategyOpt = typer.Option(None, "--strategy", "-s", help=f"One of: {', '.join(STRATEGIES)} (default: the config's).")
+BudgetOpt = typer.Option(None, "--budget", "-b", help="Regions to select this round (default: the config's).", min=1)
+BudgetPixelsOpt = typer.Option(None, "--budget-pixels", help="Budget as a share of the pool's pixels, e.g. 1.5%.")
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str], Callable[[int, int], None]]]:
+    """Yield ``factory(step) -> update(done, total)``: one rich bar per step."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bars:
+        tasks: dict[str, Any] = {}
+
+        def factory(step: str) -> Callable[[int, int], None]:
+            def update(done: int, total: int) -> None:
+                if step not in tasks:
+                    tasks[step] = bars.add_task(step, total=total)
+                bars.update(tasks[step], completed=done, total=total)
+
+            return update
+
+        yield factory
+
+
+def select(
+    workspace: Path = WorkspaceArg,
+    round: int = RoundOpt,
+    strategy: str = StrategyOpt,
+    budget: int = BudgetOpt,
+    budget_pixels: str = BudgetPixelsOpt,
+    force: bool = typer.Option(False, "--force", help="Select an already selected round again (discards its later steps)."),
+    device: str = DeviceOpt,
+) -> None:
+    """Pick round N's regions to label with round N-1's teacher (round 0: at random).
+
+    Reads the superpixel cache and rounds/N-1/checkpoint.pt; writes rounds/N/query.parquet,
+    rounds/N/overlays/*.png and the acquisition times in rounds/N/metrics.json.
+    """
+    from gpual.acquisition import acquire
+    from gpual.backend import get_backend
+
+    ws = Workspace.open(workspace_path(workspace))
+    backend = get_backend(device)
+    with ws.lock("select"), progress_bars() as bars:
+        result = acquire(ws, round, backend, strategy, budget, budget_pixels, force, progress=bars("teacher forward"))
+    manifest = result.manifest
+    console.print(
+        f"round {round}: {result.strategy} selected {result.budget} of {result.candidates} candidate regions "
+        f"({int(manifest['pixels'].sum())} pixels, {manifest['image'].nunique()} images) on {backend.name}"
+        + (f" ({backend.reason})" if backend.reason else "")
+    )
+    table = Table("stage", "seconds", title="acquisition stages")
+    for stage, seconds in result.timings.items():
+        table.add_row(stage, f"{seconds:.3f}")
+    console.print(table)
+    top = manifest.groupby("image").size().sort_values(ascending=False).head(5)
+    console.print("most queried images: " + ", ".join(f"{i} ({n})" for i, n in top.items()))
+    console.print(f"wrote {ws.query_path(round)}; next: gpual label {ws.root} --round {round}")
+
+
+def _print_rounds(rows: list[dict[str, Any]]) -> None:
+    table = Table("round", "strategy", "labeled regions", "labeled pixels", "mIoU", title="active learning")
+    for row in rows:
+        share, miou = row["labeled_share"], row["miou"]
+        table.add_row(
+            str(row["round"]),
+            str(row["strategy"] or "-"),
+            str(row["labeled_regions"] if row["labeled_regions"] is not None else "-"),
+            f"{share:.2%}" if share is not None else "-",
+            f"{miou:.4f}" if miou is not None else "-",
+        )
+    console.print(table)
+
+
+def _reporter(r: int, step: str, info: dict[str, Any]) -> None:
+    if step == "evaluate":
+        console.print(f"round {r}: mIoU {info.get('miou', float('nan')):.4f}")
+    elif step == "train":
+        console.print(f"round {r}: trained {info.get('epochs', '?')} epochs in {info.get('seconds', 0):.1f} s")
+    elif step == "select":
+        console.print(f"round {r}: selected {info['regions']} regions ({info['strategy']})")
+    elif step == "superpixels":
+        console.print(f"superpixels: {info.get('images')} images, {info.get('regions_mean', 0):.0f} regions per image")
+
+
+def run(
+    workspace: Path = WorkspaceArg,
+    rounds: int = typer.Option(3, "--rounds", "-n", help="Rounds to finish (round 0 = random initial labels).", min=1),
+    strategy: str = StrategyOpt,
+    budget: int = BudgetOpt,
+    budget_pixels: str = BudgetPixelsOpt,
+    split: str = typer.Option(None, "--split", help="Evaluation split (default: the config's val split)."),
+    device: str = DeviceOpt,
+) -> None:
+    """Run rounds 0..R-1: select -> label (simulated oracle) -> train -> evaluate.
+
+    Resumable: re-running continues at the first unfinished step. Writes everything a
+    round's steps write (rounds/NNN/*) and the superpixel cache if it is missing.
+    """
+    from gpual.backend import get_backend
+    from gpual.loop import LoopOptions, run_loop
+
+    ws = Workspace.open(workspace_path(workspace))
+    backend = get_backend(device)
+    start = time.perf_counter()
+    with ws.lock("run"), progress_bars() as bars:
+        rows = run_loop(ws, backend, LoopOptions(rounds, strategy, budget, budget_pixels, split), _reporter, bars)
+    _print_rounds(rows)
+    console.print(f"done in {time.perf_counter() - start:.0f} s on {backend.name}; workspace {ws.root}")
+
+
+def demo(
+    workspace: Path = typer.Option(Path("gpual-demo"), "--workspace", "-w", help="Where to put the synthetic data and rounds."),
+    rounds: int = typer.Option(3, "--rounds", "-n", min=1, help="Active-learning rounds."),
+    device: str = DeviceOpt,
+) -> None:
+    """The whole loop on synthetic scenes (no download): makes data, a workspace with the
+    `demo` preset, superpixels, then `run`. Prints mIoU per round."""
+    from gpual.backend import get_backend
+    from gpual.config import make_config
+    from gpual.loop import LoopOptions, run_loop
+    from gpual.synthetic import make_scenes
+
+    root = workspace_path(workspace)
+    start = time.perf_counter()
+    data = make_scenes(root / "data")
+    if (root / CONFIG_NAME).exists():
+        ws = Workspace.open(root)
+    else:
+        ws = Workspace.create(root, make_config("demo", {"data": {"root": str(data.root.resolve()), "dataset": "folder"}}))
+    backend = get_backend(device)
+    console.print(f"demo: {len(data.samples('train'))} synthetic pool images, {data.num_classes} classes, workspace {ws.root}, {backend.name}")
+    with ws.lock("demo"), progress_bars() as bars:
+        rows = run_loop(ws, backend, LoopOptions(rounds), _reporter, bars)
+    _print_rounds(rows)
+    console.print(f"demo done in {time.perf_counter() - start:.0f} s; inspect it with `gpual status {ws.root}`")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("select")(select)
+    app.command("run")(run)
+    app.command("demo")(demo)

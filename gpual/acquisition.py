@@ -1,0 +1,340 @@
+"""One acquisition round, ``gpual select WORKSPACE --round N``, end to end:
+
+``forward -> pool -> handoff -> (UMAP) -> (KMeans) -> rank -> manifest``
+
+The teacher of round N-1 runs over the pool in batches; per-pixel probabilities and
+embeddings never leave the model's device and are pooled per superpixel at once
+(:class:`gpual.pooling.RegionPooler`), so memory grows with regions, not pixels. The
+pooled statistics go zero-copy (DLPack) to the backend's namespace for the strategy
+(:func:`gpual.strategies.select_regions`); only the final manifest is copied to the
+host. Round 0 has no model: it draws ``init_budget`` regions uniformly at random.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from gpual.backend import Backend
+from gpual.datasets import open_dataset, read_image
+from gpual.errors import GpualError
+from gpual.strategies import STRATEGY_NAMES, select_regions
+from gpual.superpixels import load_superpixels, read_index
+from gpual.workspace import QUERY_COLUMNS, Workspace
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class AcquisitionResult:
+    """What one ``select`` wrote, for the CLI's summary."""
+
+    round: int
+    strategy: str
+    budget: int
+    candidates: int
+    manifest: pd.DataFrame  # host copy of rounds/NNN/query.parquet
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def parse_budget_pixels(text: str) -> float:
+    """``"1.5%"`` or ``"0.015"`` -> 0.015 (a share of the pool's pixels)."""
+    value = text.strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise GpualError(f"--budget-pixels {text!r} is not a share: write e.g. 1.5% or 0.015", 2) from None
+    if not 0 < share <= 1:
+        raise GpualError(f"--budget-pixels {text!r} must be above 0% and at most 100%", 2)
+    return share
+
+
+def resolve_budget(ws: Workspace, round: int, budget: int | None, budget_pixels: str | None,
+                   candidate_pixels: np.ndarray) -> int:
+    """The round's budget in regions: ``--budget``, else ``--budget-pixels`` converted with the
+    candidates' mean region size, else the config (``init_budget`` for round 0)."""
+    if budget is not None and budget_pixels is not None:
+        raise GpualError("give --budget (regions) or --budget-pixels (share), not both", 2)
+    if budget_pixels is not None:
+        share = parse_budget_pixels(budget_pixels)
+        mean_pixels = float(candidate_pixels.mean()) if len(candidate_pixels) else 1.0
+        pool_pixels = float(read_index(ws)["pixels"].sum())
+        budget = max(1, round_half_up(share * pool_pixels / mean_pixels))
+    if budget is None:
+        budget = ws.config.acquisition.init_budget if round == 0 else ws.config.acquisition.budget
+    if budget <= 0:
+        raise GpualError(f"budget {budget} must be a positive number of regions", 2)
+    if budget > len(candidate_pixels):
+        raise GpualError(
+            f"budget of {budget} regions is larger than the {len(candidate_pixels)} unlabeled candidate regions: lower --budget"
+        )
+    return budget
+
+
+def round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def acquire(
+    ws: Workspace,
+    round: int,
+    backend: Backend,
+    strategy: str | None = None,
+    budget: int | None = None,
+    budget_pixels: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> AcquisitionResult:
+    """Select round ``round``'s regions and write ``rounds/NNN/query.parquet`` (+ overlays, metrics).
+
+    Refuses, writing nothing, when round ``round-1`` is not trained, when round ``round`` is
+    already selected (unless ``force``), for an unknown strategy or a budget larger than
+    the candidates.
+    """
+    strategy = strategy or ("random" if round == 0 else ws.config.acquisition.strategy)
+    if strategy not in STRATEGY_NAMES:
+        raise GpualError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGY_NAMES)}", 2)
+    if round == 0 and strategy != "random":
+        raise GpualError("round 0 has no trained model to score regions: it is drawn at random; use --strategy random or omit it", 2)
+    ws.require(round, "select", "select")
+    if ws.query_path(round).exists() and not force:
+        raise GpualError(f"round {round} is already selected: pass --force to select it again (its later steps are discarded)")
+
+    t_start = time.perf_counter()
+    index = read_index(ws)
+    offsets = index["offset"].to_numpy(np.int64)
+    n_regions = int(index["n_regions"].sum())
+    labeled = ws.read_labeled(round - 1)
+    labeled_ids = _global_ids(index, labeled)
+    region_pixels = _region_pixels(ws, index, n_regions)
+
+    candidate_mask = np.ones(n_regions, dtype=bool)
+    candidate_mask[labeled_ids] = False
+    budget = resolve_budget(ws, round, budget, budget_pixels, region_pixels[candidate_mask])
+
+    timings: dict[str, float] = {}
+    device = backend.device
+    candidates = torch.from_numpy(np.flatnonzero(candidate_mask)).to(device)
+    if strategy == "random":
+        stats, bank_vectors, labeled_embedding = _random_stats(region_pixels, device), None, None
+    else:
+        stats, bank_vectors, timings = _pool_with_teacher(ws, round, backend, index, n_regions, strategy, progress)
+        labeled_embedding = stats.embedding[torch.from_numpy(labeled_ids).to(device)] if strategy == "coreset" else None
+
+    selection = select_regions(
+        strategy,
+        backend,
+        stats,
+        candidates,
+        budget,
+        bank_vectors=bank_vectors,
+        region_score=ws.config.acquisition.region_score,
+        umap_cfg=ws.config.umap,
+        kmeans_cfg=ws.config.kmeans,
+        seed=ws.config.acquisition.seed + round,
+        labeled_embedding=labeled_embedding,
+    )
+    timings.update(selection.timings)
+
+    t0 = time.perf_counter()
+    manifest = _manifest(backend, index, offsets, candidates, stats.pixels, selection, round, strategy)
+    host = manifest.to_pandas() if backend.is_cuda else manifest
+    timings["manifest"] = time.perf_counter() - t0
+
+    from gpual.overlays import write_overlays  # drawing is host work on the final, small selection
+
+    t0 = time.perf_counter()
+    write_overlays(ws, round, index, host, ws.config.acquisition.overlays)
+    timings["overlays"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    ws.update_metrics(
+        round,
+        acquisition={
+            "strategy": strategy,
+            "budget_regions": budget,
+            "candidates": int(candidate_mask.sum()),
+            "selected_pixels": int(host["pixels"].sum()),
+            "backend": backend.name,
+            "timings_s": timings,
+        },
+    )
+    _discard_later_steps(ws, round)
+    # The query file is the step's commit marker: written last, atomically.
+    ws.write_query(round, manifest)
+    return AcquisitionResult(round, strategy, budget, int(candidate_mask.sum()), host, timings)
+
+
+def _discard_later_steps(ws: Workspace, round: int) -> None:
+    """A forced re-selection invalidates this round's labels, model and evaluation."""
+    for path in (ws.labeled_path(round), ws.checkpoint_path(round), ws.resume_path(round)):
+        path.unlink(missing_ok=True)
+    metrics = ws.read_metrics(round)
+    if "evaluation" in metrics or "labeling" in metrics:
+        metrics.pop("evaluation", None)
+        metrics.pop("labeling", None)
+        from gpual import atomic
+
+        atomic.write_json(ws.metrics_path(round), metrics)
+
+
+def _global_ids(index: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
+    """(image, region) rows -> global region ids (offset of the image + local id)."""
+    if len(table) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = pd.Series(index["offset"].to_numpy(np.int64), index=index["image"].astype(str))
+    missing = set(table["image"].astype(str)) - set(offsets.index)
+    if missing:
+        raise GpualError(f"labeled images {sorted(missing)[:3]} are not in the superpixel index: was the pool changed? start a new workspace")
+    return offsets.loc[table["image"].astype(str)].to_numpy() + table["region"].to_numpy(np.int64)
+
+
+def _region_pixels(ws: Workspace, index: pd.DataFrame, n_regions: int) -> np.ndarray:
+    """(R,) int64 pixels per region over the pool, from the cached superpixels (host, cheap)."""
+    from gpual.superpixels import region_pixel_counts
+
+    out = np.zeros(n_regions, dtype=np.int64)
+    for row in index.itertuples():
+        sp = load_superpixels(ws, row.image, index)
+        out[row.offset : row.offset + row.n_regions] = region_pixel_counts(sp, int(row.n_regions))
+    return out
+
+
+def _random_stats(region_pixels: np.ndarray, device: torch.device) -> Any:
+    """Statistics for the random strategy: only pixel counts are needed (for the manifest)."""
+    from gpual.pooling import RegionStats
+
+    pixels = torch.from_numpy(region_pixels).to(device)
+    zeros = torch.zeros(len(region_pixels), dtype=torch.float32, device=device)
+    return RegionStats(
+        embedding=torch.zeros(len(region_pixels), 1, device=device),
+        entropy_sum=zeros,
+        entropy_mean=zeros,
+        margin_mean=zeros,
+        maxprob_mean=zeros,
+        bald=None,
+        pixels=pixels,
+    )
+
+
+def iter_pool_batches(
+    ws: Workspace, index: pd.DataFrame, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images (B,H,W,3) uint8, region ids (B,H,W) int64 global; -1 = padding), on ``device``.
+
+    Images of different sizes in one batch are padded to the largest; padded pixels carry
+    region id -1 and are ignored by pooling.
+    """
+    scale = ws.config.data.scale
+    paths = index["path"].tolist()
+    for start in range(0, len(index), batch_size):
+        rows = index.iloc[start : start + batch_size]
+        h, w = int(rows["height"].max()), int(rows["width"].max())
+        images = np.zeros((len(rows), h, w, 3), dtype=np.uint8)
+        regions = np.full((len(rows), h, w), -1, dtype=np.int64)
+        for i, row in enumerate(rows.itertuples()):
+            image = read_image(paths[start + i], scale)
+            sp = load_superpixels(ws, row.image, index)
+            if image.shape[:2] != sp.shape:
+                raise GpualError(
+                    f"{paths[start + i]} is {image.shape[1]}x{image.shape[0]} but its superpixels are {sp.shape[1]}x{sp.shape[0]}: "
+                    f"the image changed; run `gpual superpixels {ws.root}`"
+                )
+            images[i, : image.shape[0], : image.shape[1]] = image
+            regions[i, : sp.shape[0], : sp.shape[1]] = sp.astype(np.int64) + int(row.offset)
+        yield torch.from_numpy(images).to(device, non_blocking=True), torch.from_numpy(regions).to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def _pool_with_teacher(
+    ws: Workspace, round: int, backend: Backend, index: pd.DataFrame, n_regions: int, strategy: str,
+    progress: Progress | None,
+) -> tuple[Any, torch.Tensor, dict[str, float]]:
+    """Teacher forward over the pool with per-batch pooling; returns (RegionStats, bank vectors, timings)."""
+    from gpual.model import normalize
+    from gpual.pooling import RegionPooler
+    from gpual.training import load_checkpoint
+
+    device = backend.device
+    _, teacher, bank, _ = load_checkpoint(ws.checkpoint_path(round - 1), device)
+    teacher.eval()
+    mc_passes = ws.config.acquisition.mc_passes if strategy == "bald" else 0
+    pooler = RegionPooler(n_regions, teacher.embedding_dim, device)
+    amp = backend.is_cuda and ws.config.train.amp
+    t_forward = t_pool = 0.0
+    done = 0
+    for images, regions in iter_pool_batches(ws, index, ws.config.acquisition.batch_size, device):
+        t0 = time.perf_counter()
+        x = normalize(images)
+        with torch.autocast(device.type, enabled=amp):
+            out = teacher(x)
+        probs = torch.softmax(out["logits"].float(), dim=1)
+        embedding = out["embedding"].float()
+        mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp) if mc_passes else None
+        backend.synchronize()
+        t1 = time.perf_counter()
+        pooler.add(probs, embedding, regions, mc_probs=mc_probs)
+        backend.synchronize()
+        t_forward += t1 - t0
+        t_pool += time.perf_counter() - t1
+        done += len(images)
+        if progress:
+            progress(done, len(index))
+    bank_vectors, _ = bank.vectors()
+    return pooler.result(), bank_vectors, {"forward": t_forward, "pooling": t_pool}
+
+
+def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp: bool) -> torch.Tensor:
+    """(T,B,C,H,W) softmax probabilities with only the dropout layers in training mode (BALD)."""
+    dropouts = model.dropout_modules()
+    for m in dropouts:
+        m.train()
+    try:
+        samples = []
+        for _ in range(passes):
+            with torch.autocast(x.device.type, enabled=amp):
+                samples.append(torch.softmax(model(x)["logits"].float(), dim=1))
+        return torch.stack(samples)
+    finally:
+        for m in dropouts:
+            m.eval()
+
+
+def _manifest(
+    backend: Backend, index: pd.DataFrame, offsets: np.ndarray, candidates: torch.Tensor, pixels: torch.Tensor,
+    selection: Any, round: int, strategy: str,
+) -> Any:
+    """The selection as a DataFrame of ``backend.frame`` (cuDF on GPU) with QUERY_COLUMNS.
+
+    Global ids are split into (image, local region) in the array namespace; image names
+    join in from a small host table of the index, so no per-region host copy is needed
+    before the frame exists.
+    """
+    xp = backend.xp
+    chosen = xp.asarray(backend.from_torch(candidates))[selection.indices]
+    region_pixels = xp.asarray(backend.from_torch(pixels))[chosen]
+    offsets_xp = xp.asarray(offsets)
+    image_pos = xp.searchsorted(offsets_xp, chosen, side="right") - 1
+    local = chosen - offsets_xp[image_pos]
+    frame = backend.frame
+    table = frame.DataFrame(
+        {
+            "image_pos": image_pos.astype(xp.int64),
+            "region": local.astype(xp.int32),
+            "score": xp.asarray(selection.scores).astype(xp.float64),
+            "pixels": region_pixels.astype(xp.int64),
+        }
+    )
+    table["rank"] = xp.arange(len(table), dtype=xp.int64)
+    names = frame.DataFrame({"image_pos": np.arange(len(index), dtype=np.int64), "image": index["image"].astype(str).tolist()})
+    table = table.merge(names, on="image_pos", how="left").sort_values("rank")
+    table["round"] = round
+    table["strategy"] = strategy
+    # cuDF spells pandas' "string" dtype "str"; the parquet file is the same.
+    dtypes = {k: ("str" if backend.is_cuda and v == "string" else v) for k, v in QUERY_COLUMNS.items()}
+    return table[list(QUERY_COLUMNS)].reset_index(drop=True).astype(dtypes)

@@ -1,0 +1,80 @@
+"""The active-learning loop, ``gpual run``: per round select -> label -> train -> evaluate,
+resumable (each step is skipped when its file exists; an interrupted training resumes
+from its last epoch)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gpual.backend import Backend
+from gpual.workspace import Workspace
+
+# Called as report(round, step, info) after each step that ran; info is the step's summary.
+Reporter = Callable[[int, str, dict[str, Any]], None]
+
+
+@dataclass
+class LoopOptions:
+    """What ``gpual run`` may override for the rounds it selects (round 0 is always random)."""
+
+    rounds: int
+    strategy: str | None = None
+    budget: int | None = None
+    budget_pixels: str | None = None
+    split: str | None = None  # evaluation split; the config's val split by default
+
+
+def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Reporter | None = None,
+             progress: Callable[[str], Callable[[int, int], None] | None] | None = None) -> list[dict[str, Any]]:
+    """Finish rounds ``0 .. options.rounds-1``; returns one summary row per round.
+
+    ``progress(step)`` may return a callback ``(done, total)`` for that step's progress bar.
+    """
+    from gpual.acquisition import acquire
+    from gpual.evaluation import evaluate
+    from gpual.oracle import label_round
+    from gpual.superpixels import build_cache
+    from gpual.training import train_round
+
+    report = report or (lambda r, s, i: None)
+    progress = progress or (lambda step: None)
+    if not (ws.superpixel_dir / "index.parquet").exists():
+        summary = build_cache(ws, progress=progress("superpixels"))
+        report(-1, "superpixels", vars(summary))
+    split = options.split or ws.config.data.val_split
+    for r in range(options.rounds):
+        state = ws.round_state(r)
+        if not state.selected:
+            result = acquire(ws, r, backend, strategy=options.strategy if r > 0 else None,
+                             budget=options.budget if r > 0 else None,
+                             budget_pixels=options.budget_pixels if r > 0 else None,
+                             progress=progress("select"))
+            report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings})
+        if not state.labeled:
+            labeled = label_round(ws, r)
+            report(r, "label", ws.read_metrics(r).get("labeling", {"regions": len(labeled)}))
+        if not state.trained:
+            info = train_round(ws, r, backend.device, resume=ws.resume_path(r).exists(), progress=progress("train"))
+            report(r, "train", info)
+        if not state.evaluated:
+            info = evaluate(ws, r, split, backend.device)
+            report(r, "evaluate", info)
+    return rounds_summary(ws, options.rounds)
+
+
+def rounds_summary(ws: Workspace, rounds: int) -> list[dict[str, Any]]:
+    """Per round: strategy, labeled regions, labeled pixel share, mIoU (from the metrics JSON)."""
+    rows = []
+    for r in range(rounds):
+        metrics = ws.read_metrics(r)
+        rows.append(
+            {
+                "round": r,
+                "strategy": metrics.get("acquisition", {}).get("strategy"),
+                "labeled_regions": metrics.get("labeling", {}).get("regions"),
+                "labeled_share": metrics.get("labeling", {}).get("labeled_share"),
+                "miou": metrics.get("evaluation", {}).get("miou"),
+            }
+        )
+    return rows
