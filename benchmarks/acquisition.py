@@ -157,7 +157,8 @@ def main() -> None:
 
     devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
     backends = {d: get_backend(d) for d in devices}
-    payload: dict[str, Any] = {"machine": machine_info(), "strategy": args.strategy, "repeats": args.repeats,
+    payload: dict[str, Any] = {"backend": "-vs-".join(reversed(devices)), "machine": machine_info(), "strategy": args.strategy,
+                               "repeats": args.repeats,
                                "versions": {d: b.versions() for d, b in backends.items()}}
     if args.workspace:
         payload["pool"] = {d: pool_benchmark(args.workspace, args.round, b, args.repeats, args.strategy) for d, b in backends.items()}

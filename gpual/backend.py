@@ -27,8 +27,19 @@ _RAPIDS_MODULES = ("cupy", "cuml", "cudf")
 
 
 def _import_rapids() -> dict[str, ModuleType]:
-    """Import CuPy, cuML and cuDF; raise ImportError naming the first one missing."""
-    return {name: importlib.import_module(name) for name in _RAPIDS_MODULES}
+    """Import CuPy, cuML and cuDF; raise ImportError naming the one that failed and why.
+
+    A broken install fails inside the package (a missing shared library, a NumPy too new
+    for numba), so the message keeps the underlying error, not only the package name.
+    """
+    modules = {}
+    for name in _RAPIDS_MODULES:
+        try:
+            modules[name] = importlib.import_module(name)
+        except ImportError as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise ImportError(f"{name} ({detail})", name=name) from exc
+    return modules
 
 
 @dataclass
@@ -148,7 +159,7 @@ def cuda_backend() -> Backend:
         modules = _import_rapids()
     except ImportError as exc:
         raise GpualError(
-            f"--device cuda needs CuPy, cuML and cuDF but {exc.name or exc} is not importable: "
+            f"--device cuda needs CuPy, cuML and cuDF but importing {exc} failed: "
             "install the gpu extra (pip install 'gpual[gpu]') or use a RAPIDS container, or run with --device cpu",
             2,
         ) from None
