@@ -1,0 +1,124 @@
+"""The loop end to end on the CPU twin: `select` after a trained round on a real CamVid
+subset, `gpual run` resuming where it stopped, and `select --force` discarding later steps."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cli_runner import run_cli
+from gpual.acquisition import acquire
+from gpual.backend import cpu_backend
+from gpual.config import make_config
+from gpual.oracle import label_round
+from gpual.superpixels import build_cache, load_superpixels, read_index
+from gpual.training import train_round
+from gpual.workspace import Workspace
+
+CPU = torch.device("cpu")
+STAGES = ("forward", "pooling", "handoff", "umap_fit", "umap_transform", "kmeans", "ranking", "manifest")
+
+
+def camvid_subset(camvid: Path, dest: Path, n_train: int = 8, n_val: int = 2) -> Path:
+    """The first ``n_train`` / ``n_val`` image-label pairs of the real CamVid, same layout."""
+    for split, n in (("train", n_train), ("val", n_val)):
+        for kind in ("images", "labels"):
+            (dest / split / kind).mkdir(parents=True)
+        for image in sorted((camvid / split / "images").glob("*.jpg"))[:n]:
+            shutil.copy(image, dest / split / "images" / image.name)
+            label = camvid / split / "labels" / f"{image.stem}.png"
+            shutil.copy(label, dest / split / "labels" / label.name)
+    return dest
+
+
+def test_select_after_a_trained_round_on_camvid(tmp_path: Path, camvid_root: Path) -> None:
+    data = camvid_subset(camvid_root, tmp_path / "camvid")
+    config = make_config("cpu-small", {
+        "data": {"root": str(data), "dataset": "camvid"},
+        "train": {"epochs_per_round": 1},
+        "acquisition": {"init_budget": 300, "budget": 40},
+    })
+    ws = Workspace.create(tmp_path / "ws", config)
+    backend = cpu_backend()
+    build_cache(ws, workers=1)
+    acquire(ws, 0, backend)
+    label_round(ws, 0)
+    train_round(ws, 0, CPU)
+
+    result = acquire(ws, 1, backend)
+    assert result.strategy == "umap-kmeans-entropy"
+
+    query = ws.read_query(1)
+    labeled = ws.read_labeled(0)
+    assert len(query) == 40 and not query.duplicated(["image", "region"]).any()
+    assert (query["round"] == 1).all() and (query["strategy"] == "umap-kmeans-entropy").all()
+    taken = set(zip(labeled["image"], labeled["region"]))
+    assert not any((i, r) in taken for i, r in zip(query["image"], query["region"]))
+    # each row's pixel count is the size of that region in the cached superpixel map
+    index = read_index(ws)
+    for image, group in query.groupby("image"):
+        sp = load_superpixels(ws, image, index)
+        sizes = np.bincount(sp.ravel(), minlength=int(sp.max()) + 1)
+        assert (group["region"] < len(sizes)).all()
+        np.testing.assert_array_equal(group["pixels"].to_numpy(), sizes[group["region"].to_numpy()])
+    timings = ws.read_metrics(1)["acquisition"]["timings_s"]
+    assert all(stage in timings for stage in STAGES), timings
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gpual.synthetic import make_scenes
+
+    return make_scenes(tmp_path_factory.mktemp("data") / "scenes", n_train=6, n_val=2, height=48, width=64).root
+
+
+def test_run_resumes_and_force_reselects(capsys, tmp_path: Path, scenes: Path) -> None:
+    ws_root = tmp_path / "ws"
+    assert run_cli(capsys, "init", ws_root, "--data", scenes, "--dataset", "folder", "--preset", "demo").code == 0
+    config = ws_root / "gpual.toml"
+    text = config.read_text()
+    text = text.replace("epochs_per_round = 4", "epochs_per_round = 1")
+    text = text.replace("init_budget = 120", "init_budget = 40").replace("budget = 60", "budget = 10")
+    config.write_text(text)
+
+    r = run_cli(capsys, "run", ws_root, "--rounds", "1", "--device", "cpu")
+    assert r.code == 0, r.err
+    round0 = {k: v for k, v in _files(ws_root).items() if k.startswith("rounds/000/")}
+    assert {"rounds/000/query.parquet", "rounds/000/labeled.parquet", "rounds/000/checkpoint.pt"} <= set(round0)
+
+    r = run_cli(capsys, "run", ws_root, "--rounds", "2", "--strategy", "entropy", "--device", "cpu")
+    assert r.code == 0, r.err
+    after = _files(ws_root)
+    # round 0 was finished: resuming leaves every one of its files as it was
+    assert {k: v for k, v in after.items() if k.startswith("rounds/000/")} == round0
+    ws = Workspace.open(ws_root)
+    state = ws.round_state(1)
+    assert state.selected and state.labeled and state.trained and state.evaluated
+    assert len(ws.read_query(1)) == 10 and (ws.read_query(1)["strategy"] == "entropy").all()
+    assert len(ws.read_labeled(1)) == 50
+    miou = ws.read_metrics(1)["evaluation"]["miou"]
+    assert 0.0 <= miou <= 1.0
+
+    # a finished loop: running it again changes nothing
+    r = run_cli(capsys, "run", ws_root, "--rounds", "2", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert {k: v for k, v in _files(ws_root).items() if not k.startswith("rounds/001/overlays")} == {
+        k: v for k, v in after.items() if not k.startswith("rounds/001/overlays")}
+
+    # selecting round 1 again needs --force and discards its label/train/evaluate steps
+    r = run_cli(capsys, "select", ws_root, "--round", "1", "--strategy", "margin")
+    assert r.code == 1 and "--force" in r.err
+    r = run_cli(capsys, "select", ws_root, "--round", "1", "--strategy", "margin", "--force")
+    assert r.code == 0, r.err
+    state = Workspace.open(ws_root).round_state(1)
+    assert state.selected and not state.labeled and not state.trained and not state.evaluated
+    assert (pd.read_parquet(ws_root / "rounds/001/query.parquet")["strategy"] == "margin").all()
