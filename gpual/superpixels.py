@@ -83,7 +83,7 @@ def compute_superpixels(
     method: str = "slic",
     region_pixels: int = 400,
     compactness: float = 10.0,
-    seeds_levels: int = 4,
+    seeds_levels: int = 3,
     seeds_iterations: int = 4,
     *,
     threads: int = -1,

@@ -48,6 +48,8 @@ def test_partial_file_takes_defaults(tmp_path) -> None:
         ("[train]\nbatch_size = 'five'\n", "must be int"),
         ("[acquisition]\nstrategy = 'best'\n", "acquisition.strategy"),
         ("[acquisition]\nbudget = 0\n", "must be positive"),
+        ("[umap]\nn_neighbors = 1\n", "umap.n_neighbors = 1 must be at least 2"),
+        ("[kmeans]\nn_init = 0\n", "kmeans.n_init = 0 must be at least 1"),
         ("[train\n", "not valid TOML"),
     ],
 )
