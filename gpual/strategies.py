@@ -28,22 +28,13 @@ from torch import Tensor
 
 from gpual.backend import Backend
 from gpual.clustering import kmeans_labels
-from gpual.config import KMeansConfig, UmapConfig
+from gpual.config import STRATEGIES, KMeansConfig, UmapConfig
 from gpual.embedding import umap_embed
 from gpual.errors import GpualError
 from gpual.pooling import RegionStats
 from gpual.ranking import select_per_cluster, top_k
 
-STRATEGY_NAMES = (
-    "umap-kmeans-entropy",
-    "kmeans-entropy",
-    "entropy",
-    "margin",
-    "least-confidence",
-    "bald",
-    "coreset",
-    "random",
-)
+STRATEGY_NAMES = STRATEGIES  # one list, in gpual.config (validated there)
 REGION_SCORES = ("sum", "mean")
 
 # Largest (candidates x labeled centres) distance block coreset holds at once (floats).
@@ -94,6 +85,7 @@ def select_regions(
     kmeans_cfg: KMeansConfig | None = None,
     seed: int = 0,
     labeled_embedding: Tensor | None = None,
+    dask: Any | None = None,
 ) -> Selection:
     """Pick ``budget`` of the ``candidates`` with ``strategy``.
 
@@ -110,6 +102,8 @@ def select_regions(
         seed: random strategy's seed.
         labeled_embedding: (L, D) pooled embeddings of the labeled regions (coreset's
             initial centres; None or L = 0 starts from the candidates alone).
+        dask: a :class:`gpual.distributed.DaskCluster` whose workers run the UMAP
+            transform and KMeans (umap-kmeans-entropy, kmeans-entropy); None = here.
 
     Returns:
         :class:`Selection` with positions into ``candidates`` (``xp`` arrays on the
@@ -150,12 +144,14 @@ def select_regions(
     if strategy in ("umap-kmeans-entropy", "kmeans-entropy"):
         points = inputs["embedding"]
         if strategy == "umap-kmeans-entropy":
-            reduced = umap_embed(backend, inputs["bank"], points, umap_cfg)
+            reduced = umap_embed(backend, inputs["bank"], points, umap_cfg,
+                                 transform=dask.umap_transform if dask is not None else None)
             points = reduced.points
             timings.update(reduced.timings)
             notes.extend(reduced.notes)
         with _timed(backend, timings, "kmeans"):
-            clusters = kmeans_labels(backend, points, budget, kmeans_cfg)
+            clusters = kmeans_labels(backend, points, budget, kmeans_cfg,
+                                     fit_predict=dask.kmeans_fit_predict if dask is not None else None)
         with _timed(backend, timings, "ranking"):
             indices = select_per_cluster(scores, clusters, budget, budget)
             picked = xp.take(scores, indices)
