@@ -231,6 +231,17 @@ class Trainer:
     scaler: torch.amp.GradScaler
     config: Config
     amp: bool  # float16 autocast + loss scaling; CUDA only
+    # Mean-teacher warm-up for weights trained from scratch: step t uses an EMA decay of
+    # min(ema_decay, 1 - 1/(t + 1)), so the teacher tracks the student over the first
+    # ~100 steps instead of staying ~the random initial weights (which it would for a
+    # round shorter than a few hundred steps). False when continuing a trained round.
+    ema_warmup: bool = False
+    step: int = 0  # optimiser steps taken by this run (resumed runs continue the count)
+
+    def ema_decay(self) -> float:
+        """The EMA decay for the current step (see ``ema_warmup``)."""
+        decay = self.config.train.ema_decay
+        return min(decay, 1.0 - 1.0 / (self.step + 1)) if self.ema_warmup else decay
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Adam:
@@ -256,7 +267,8 @@ def train_step(t: Trainer, images: torch.Tensor, targets: torch.Tensor, generato
     t.scaler.scale(loss).backward()
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    ema_update(t.teacher, t.student, cfg.train.ema_decay)
+    ema_update(t.teacher, t.student, t.ema_decay())
+    t.step += 1
     # The bank is filled even when contrastive.weight = 0: acquisition fits UMAP on it.
     t.bank.update_from_batch(projection.detach(), torch.softmax(logits.detach(), 1), targets,
                              cfg.contrastive.bank_pixels_per_image)
@@ -416,6 +428,7 @@ def _train(ws: Workspace, data: TrainingSet, tag: int, init: Path | None, checkp
     batch_size = config.train.batch_size
     batches = (len(dataset) + batch_size - 1) // batch_size
     total_steps, steps = epochs * batches, start_epoch * batches
+    t.ema_warmup, t.step = init is None, steps
     t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         seed = _seed(config, tag, epoch)

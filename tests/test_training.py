@@ -121,6 +121,43 @@ def test_a_few_steps_lower_the_loss_and_raise_miou(scenes: Path) -> None:
     assert not torch.equal(s, te)
 
 
+def test_ema_warmup_for_fresh_weights(scenes: Path) -> None:
+    from gpual.config import make_config
+    from gpual.datasets import load_pair, open_dataset
+    from gpual.memory_bank import MemoryBank
+    from gpual.model import build_model
+    from gpual.teacher import make_teacher
+    from gpual.training import Trainer, make_optimizer, train_step
+
+    config = make_config("cpu-small")  # ema_decay 0.99
+    spec = open_dataset("folder", scenes)
+    torch.manual_seed(0)
+    model = build_model(config.model, spec.num_classes)
+    t = Trainer(model, make_teacher(model), MemoryBank(spec.num_classes, 50, config.model.projection_dim, CPU),
+                make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False), config, amp=False,
+                ema_warmup=True)
+    assert t.ema_decay() == 0.0
+    t.step = 1
+    assert t.ema_decay() == pytest.approx(0.5)
+    t.step = 99
+    assert t.ema_decay() == pytest.approx(0.99)
+    t.step = 5000
+    assert t.ema_decay() == pytest.approx(0.99)
+    t.ema_warmup = False
+    t.step = 0
+    assert t.ema_decay() == pytest.approx(0.99)
+
+    # First step of a fresh run: decay 0, so the teacher becomes the student exactly.
+    t.ema_warmup, t.step = True, 0
+    pair = load_pair(spec, spec.samples("train")[0])
+    images = torch.from_numpy(pair[0][None])
+    labels = torch.from_numpy(pair[1][None]).long()
+    train_step(t, images, labels, torch.Generator().manual_seed(0))
+    assert t.step == 1
+    for (name, p_s), p_t in zip(model.named_parameters(), t.teacher.parameters()):
+        assert torch.equal(p_s, p_t), name
+
+
 # --- rounds -----------------------------------------------------------------------------
 
 
