@@ -1,0 +1,125 @@
+"""Pooling throughput against the device's memory bandwidth.
+
+Pooling (``gpual.pooling.RegionPooler.add``) folds each batch's per-pixel probabilities
+(B, C, H, W) and embeddings (B, D, H, W) into per-region sums with ``index_add_``. Its
+floor is reading those inputs once, so the figure of merit is
+
+    effective bandwidth = bytes of the inputs (probs + embeddings + int64 region ids) / time
+
+compared with the device's own bandwidth, measured here as a device-to-device copy of a
+1 GiB tensor (bytes read + bytes written, per second), median of 10 after warm-up. The
+inputs are float32, as the pooler reads them. Generated inputs: Dirichlet-like softmax
+probabilities, unit embeddings, and a grid of square regions of ``--region-pixels`` per
+image with global offsets, as ``gpual select`` builds them.
+
+    python benchmarks/pooling.py --device cuda --size 360x480 --classes 11 --batch 16
+    python benchmarks/pooling.py --device cuda --size 512x1024 --classes 19 --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
+
+from gpual.pooling import RegionPooler  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[float]:
+    """Wall times of ``fn()`` with device synchronisation around each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write), median of ``repeats``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = statistics.median(timed(lambda: dst.copy_(src), device, repeats))
+    del src, dst
+    return 2 * nbytes / seconds / 1e9
+
+
+def grid_regions(batch: int, h: int, w: int, region_pixels: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(B, H, W) int64 global ids of square regions of ~region_pixels, and the region count."""
+    side = max(1, int(round(region_pixels ** 0.5)))
+    rows, cols = (h + side - 1) // side, (w + side - 1) // side
+    yy = torch.arange(h, device=device) // side
+    xx = torch.arange(w, device=device) // side
+    local = (yy[:, None] * cols + xx[None, :]).expand(batch, h, w)
+    per_image = rows * cols
+    offsets = torch.arange(batch, device=device)[:, None, None] * per_image
+    return (local + offsets).contiguous(), batch * per_image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", default="360x480", help="HxW, or several comma-separated")
+    parser.add_argument("--classes", type=int, default=11)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--region-pixels", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    payload: dict[str, Any] = {"backend": device.type, "machine": machine_info(), "torch": torch.__version__,
+                               "classes": args.classes, "dim": args.dim, "batch": args.batch,
+                               "region_pixels": args.region_pixels, "repeats": args.repeats, "results": []}
+    if device.type == "cuda":
+        payload["gpu"] = torch.cuda.get_device_name(device)
+        payload["copy_bandwidth_gb_s"] = copy_bandwidth(device)
+        print(f"device-to-device copy: {payload['copy_bandwidth_gb_s']:.0f} GB/s (read + write)")
+    for size in args.size.split(","):
+        h, w = (int(v) for v in size.split("x"))
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(args.batch, args.classes, h, w, generator=g, device=device) * 3
+        probs = torch.softmax(logits, dim=1)
+        del logits
+        emb = torch.nn.functional.normalize(torch.randn(args.batch, args.dim, h, w, generator=g, device=device), dim=1)
+        ids, n_regions = grid_regions(args.batch, h, w, args.region_pixels, device)
+        pooler = RegionPooler(n_regions, args.dim, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids), device, args.repeats))
+        nbytes = probs.numel() * 4 + emb.numel() * 4 + ids.numel() * 8
+        row = {
+            "size": size, "regions_per_batch": n_regions, "seconds_per_batch": seconds,
+            "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
+            "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
+        }
+        if device.type == "cuda":
+            row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
+        payload["results"].append(row)
+        print(f"{size}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch}, "
+              f"{row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.0f} GB/s effective"
+              + (f" = {row['share_of_copy_bandwidth']:.0%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
+        del probs, emb, ids, pooler
+    write_result("pooling", payload)
+
+
+if __name__ == "__main__":
+    main()
