@@ -9,19 +9,29 @@ Two parts:
    class centres, as a trained embedding looks; a bank of 1000 vectors per class) for the
    stages after pooling, so region counts up to Cityscapes size (4M) need no dataset.
 
+3. **Dask scaling** (``--dask 1,2,4``): one whole round (teacher forward + pooling sharded
+   over the workers, UMAP transform over region partitions, KMeans, ranking) on a
+   ``LocalCluster`` of N single-threaded CPU workers (``--device cpu``) or a
+   ``LocalCUDACluster`` of N GPUs (``--device cuda``), against the single-process path
+   (``workers = 0``), on ``--workspace`` or, without one, a synthetic workspace made under
+   ``--dask-out`` (``--dask-images`` scenes, round 0 random, labeled, trained 1 epoch).
+
 Each stage is timed with device synchronisation around it, after a warm-up run, as the
 median of ``--repeats``; peak memory is host RSS and, on CUDA, the torch and CuPy
 allocators' peaks. Results: a table, JSON in benchmarks/results/, and a log-log PNG.
 
     python benchmarks/acquisition.py --sweep 10000,40000,160000 --device cpu
     python benchmarks/acquisition.py --workspace ws --round 0 --device both
+    python benchmarks/acquisition.py --dask 1,2 --device cpu --dask-images 32
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +153,86 @@ def plot(sweep: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def synthetic_workspace(out: Path, n_images: int) -> tuple[Path, int]:
+    """A demo-preset workspace on ``n_images`` synthetic 96x128 scenes with round 0 trained
+    (1 epoch); reused when ``out`` already holds one. Returns (root, trained round)."""
+    from gpual.acquisition import acquire
+    from gpual.backend import cpu_backend
+    from gpual.config import make_config
+    from gpual.oracle import label_round
+    from gpual.superpixels import build_cache
+    from gpual.synthetic import make_scenes
+    from gpual.training import train_round
+    from gpual.workspace import Workspace
+
+    root = out / f"ws-{n_images}"
+    if (root / "rounds" / "000" / "checkpoint.pt").exists():
+        return root, 0
+    data = make_scenes(out / f"scenes-{n_images}", n_train=n_images, n_val=2)
+    ws = Workspace.create(root, make_config("demo", {"data": {"root": str(data.root.resolve()), "dataset": "folder"}}), force=True)
+    build_cache(ws)
+    acquire(ws, 0, cpu_backend(), force=True)
+    label_round(ws, 0)
+    train_round(ws, 0, torch.device("cpu"), epochs=1)
+    return root, 0
+
+
+def dask_round(ws: Any, round: int, backend: Backend, strategy: str, budget: int, cluster: Any) -> dict[str, float]:
+    """Seconds per stage of one round's computation (nothing written): pooling on the
+    workers (or here when ``cluster`` is None), then the strategy with the cluster's hooks."""
+    from gpual.acquisition import _pool_with_teacher
+    from gpual.superpixels import read_index
+
+    index = read_index(ws)
+    n_regions = int(index["n_regions"].sum())
+    t0 = time.perf_counter()
+    pool = cluster.pool_with_teacher if cluster is not None else _pool_with_teacher
+    stats, bank, timings = pool(ws, round + 1, backend, index, n_regions, strategy, None)
+    backend.synchronize()
+    timings["pool_wall"] = time.perf_counter() - t0
+    candidates = torch.arange(n_regions, device=backend.device)
+    selection = select_regions(strategy, backend, stats, candidates, budget, bank_vectors=bank, umap_cfg=ws.config.umap,
+                               kmeans_cfg=ws.config.kmeans, dask=cluster)
+    backend.synchronize()
+    timings.update(selection.timings)
+    timings["total"] = time.perf_counter() - t0
+    return timings
+
+
+def dask_benchmark(ws_path: Path, round: int, backend: Backend, worker_counts: list[int], repeats: int, strategy: str,
+                   partition_regions: int | None) -> dict[str, Any]:
+    """Median stage seconds of a whole round vs the number of Dask workers (0 = one process, no Dask)."""
+    from gpual.distributed import dask_cluster
+    from gpual.superpixels import read_index
+    from gpual.workspace import Workspace
+
+    ws = Workspace.open(ws_path)
+    n_regions = int(read_index(ws)["n_regions"].sum())
+    budget = max(1, n_regions // 100)
+    partition = partition_regions or -(-n_regions // max(worker_counts))
+    rows = []
+    for n in [0, *worker_counts]:
+        kind = {"gpus": n} if backend.is_cuda else {"workers": n}
+        t0 = time.perf_counter()
+        with (dask_cluster(**kind, partition_regions=partition) if n else nullcontext(None)) as cluster:
+            if cluster is not None:
+                cluster.client.wait_for_workers(n, timeout=120)
+            start = time.perf_counter() - t0
+            runs = [dask_round(ws, round, backend, strategy, budget, cluster) for _ in range(repeats + 1)][1:]  # 1 warm-up
+        row: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        row.update(workers=n, cluster_start=start if n else 0.0)
+        rows.append(row)
+        print(f"{n} workers: " + ", ".join(f"{k} {row[k]:.3f}s" for k in ("pool_wall", "umap_transform", "kmeans", "total")
+                                            if k in row), flush=True)
+    one = next((r for r in rows if r["workers"] == 1), None)
+    for r in rows:
+        if one is not None and r["workers"]:
+            r["speedup_vs_1_worker"] = {k: one[k] / r[k] for k in ("pool_wall", "umap_transform", "total") if r.get(k)}
+    index = read_index(ws)
+    return {"images": len(index), "regions": n_regions, "budget": budget, "partition_regions": partition,
+            "batch_size": ws.config.acquisition.batch_size, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="both", choices=("cpu", "cuda", "both"))
@@ -153,7 +243,25 @@ def main() -> None:
                         help="skip the CPU twin above this size (umap-learn's transform takes minutes beyond it)")
     parser.add_argument("--strategy", default="umap-kmeans-entropy")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dask", help="comma-separated Dask worker counts (CPU workers or GPUs): the scaling benchmark")
+    parser.add_argument("--dask-images", type=int, default=32, help="pool images of the synthetic workspace (no --workspace)")
+    parser.add_argument("--dask-out", type=Path, default=Path("/tmp/gpual-bench-dask"), help="where the synthetic workspace goes")
+    parser.add_argument("--partition-regions", type=int, help="UMAP-transform partition rows (default: regions / most workers)")
     args = parser.parse_args()
+
+    if args.dask:
+        if args.device == "both":
+            parser.error("--dask times one device: give --device cpu or --device cuda")
+        backend = get_backend(args.device)
+        ws_path, round = (args.workspace, args.round) if args.workspace else synthetic_workspace(args.dask_out, args.dask_images)
+        counts = [int(s) for s in args.dask.split(",") if s]
+        # Other processes' load skews scaling on a small box: recorded with the result.
+        payload = {"backend": f"{args.device}-dask", "machine": machine_info(), "load_average_1m_before": os.getloadavg()[0],
+                   "strategy": args.strategy, "repeats": args.repeats,
+                   "versions": backend.versions(),
+                   "dask": dask_benchmark(ws_path, round, backend, counts, args.repeats, args.strategy, args.partition_regions)}
+        write_result("acquisition", payload)
+        return
 
     devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
     backends = {d: get_backend(d) for d in devices}

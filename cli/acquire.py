@@ -46,23 +46,35 @@ def select(
     budget_pixels: str = BudgetPixelsOpt,
     force: bool = typer.Option(False, "--force", help="Select an already selected round again (discards its later steps)."),
     device: str = DeviceOpt,
+    dask: str = typer.Option(
+        None, "--dask", metavar="ADDRESS",
+        help="Run the round on an existing Dask cluster (scheduler address, e.g. tcp://host:8786); "
+        "its workers need gpual and must see the workspace and data at the same paths.",
+    ),
+    gpus: int = typer.Option(None, "--gpus", min=1, help="Start N dask-cuda GPU workers on this machine (gpu extra)."),
+    dask_workers: int = typer.Option(None, "--dask-workers", min=1, help="Start N local Dask CPU worker processes."),
 ) -> None:
     """Pick round N's regions to label with round N-1's teacher (round 0: at random).
 
     Reads the superpixel cache and rounds/N-1/checkpoint.pt; writes rounds/N/query.parquet,
-    rounds/N/overlays/*.png and the acquisition times in rounds/N/metrics.json.
+    rounds/N/overlays/*.png and the acquisition times in rounds/N/metrics.json. With
+    --dask, --gpus or --dask-workers the teacher forward, pooling, UMAP transform and
+    KMeans run on Dask workers; a worker lost meanwhile fails the round, writing nothing.
     """
     from gpual.acquisition import acquire
     from gpual.backend import get_backend
+    from gpual.distributed import cluster_for
 
     ws = Workspace.open(workspace_path(workspace))
     backend = get_backend(device)
-    with ws.lock("select"), progress_bars() as bars:
-        result = acquire(ws, round, backend, strategy, budget, budget_pixels, force, progress=bars("teacher forward"))
+    with ws.lock("select"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars() as bars:
+        where = f" via {cluster.description}" if cluster is not None else ""
+        result = acquire(ws, round, backend, strategy, budget, budget_pixels, force, progress=bars("teacher forward"),
+                         cluster=cluster)
     manifest = result.manifest
     console.print(
         f"round {round}: {result.strategy} selected {result.budget} of {result.candidates} candidate regions "
-        f"({int(manifest['pixels'].sum())} pixels, {manifest['image'].nunique()} images) on {backend.name}"
+        f"({int(manifest['pixels'].sum())} pixels, {manifest['image'].nunique()} images) on {backend.name}{where}"
         + (f" ({backend.reason})" if backend.reason else "")
     )
     table = Table("stage", "seconds", title="acquisition stages")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,12 +90,15 @@ def acquire(
     budget_pixels: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    cluster: Any | None = None,
 ) -> AcquisitionResult:
     """Select round ``round``'s regions and write ``rounds/NNN/query.parquet`` (+ overlays, metrics).
 
     Refuses, writing nothing, when round ``round-1`` is not trained, when round ``round`` is
     already selected (unless ``force``), for an unknown strategy or a budget larger than
-    the candidates.
+    the candidates. ``cluster`` (a :class:`gpual.distributed.DaskCluster`) runs the
+    teacher forward, pooling, UMAP transform and KMeans on its workers; a worker lost
+    meanwhile fails the round before anything is written.
     """
     strategy = strategy or ("random" if round == 0 else ws.config.acquisition.strategy)
     if strategy not in STRATEGY_NAMES:
@@ -120,25 +124,29 @@ def acquire(
     timings: dict[str, float] = {}
     device = backend.device
     candidates = torch.from_numpy(np.flatnonzero(candidate_mask)).to(device)
-    if strategy == "random":
-        stats, bank_vectors, labeled_embedding = _random_stats(region_pixels, device), None, None
-    else:
-        stats, bank_vectors, timings = _pool_with_teacher(ws, round, backend, index, n_regions, strategy, progress)
-        labeled_embedding = stats.embedding[torch.from_numpy(labeled_ids).to(device)] if strategy == "coreset" else None
+    # Every Dask computation happens inside the guard, before anything is written.
+    with cluster.round_guard(round) if cluster is not None else nullcontext():
+        if strategy == "random":
+            stats, bank_vectors, labeled_embedding = _random_stats(region_pixels, device), None, None
+        else:
+            pool = cluster.pool_with_teacher if cluster is not None else _pool_with_teacher
+            stats, bank_vectors, timings = pool(ws, round, backend, index, n_regions, strategy, progress)
+            labeled_embedding = stats.embedding[torch.from_numpy(labeled_ids).to(device)] if strategy == "coreset" else None
 
-    selection = select_regions(
-        strategy,
-        backend,
-        stats,
-        candidates,
-        budget,
-        bank_vectors=bank_vectors,
-        region_score=ws.config.acquisition.region_score,
-        umap_cfg=ws.config.umap,
-        kmeans_cfg=ws.config.kmeans,
-        seed=ws.config.acquisition.seed + round,
-        labeled_embedding=labeled_embedding,
-    )
+        selection = select_regions(
+            strategy,
+            backend,
+            stats,
+            candidates,
+            budget,
+            bank_vectors=bank_vectors,
+            region_score=ws.config.acquisition.region_score,
+            umap_cfg=ws.config.umap,
+            kmeans_cfg=ws.config.kmeans,
+            seed=ws.config.acquisition.seed + round,
+            labeled_embedding=labeled_embedding,
+            dask=cluster,
+        )
     timings.update(selection.timings)
 
     t0 = time.perf_counter()
@@ -161,6 +169,7 @@ def acquire(
             "candidates": int(candidate_mask.sum()),
             "selected_pixels": int(host["pixels"].sum()),
             "backend": backend.name,
+            **({"dask": cluster.description} if cluster is not None else {}),
             "timings_s": timings,
         },
     )
@@ -250,56 +259,97 @@ def iter_pool_batches(
         yield torch.from_numpy(images).to(device, non_blocking=True), torch.from_numpy(regions).to(device, non_blocking=True)
 
 
-@torch.no_grad()
 def _pool_with_teacher(
     ws: Workspace, round: int, backend: Backend, index: pd.DataFrame, n_regions: int, strategy: str,
     progress: Progress | None,
 ) -> tuple[Any, torch.Tensor, dict[str, float]]:
     """Teacher forward over the pool with per-batch pooling; returns (RegionStats, bank vectors, timings)."""
-    from gpual.model import normalize
-    from gpual.pooling import RegionPooler
     from gpual.training import load_checkpoint
 
-    device = backend.device
-    _, teacher, bank, _ = load_checkpoint(ws.checkpoint_path(round - 1), device)
-    teacher.eval()
+    _, teacher, bank, _ = load_checkpoint(ws.checkpoint_path(round - 1), backend.device)
+    stats, timings = pool_images(ws, round, teacher, index, strategy, backend.device, backend.is_cuda and ws.config.train.amp, progress)
+    if stats.n_regions != n_regions:
+        raise GpualError(f"pooled {stats.n_regions} regions but the index counts {n_regions}: run `gpual superpixels {ws.root}` again")
+    bank_vectors, _ = bank.vectors()
+    return stats, bank_vectors, timings
+
+
+@torch.no_grad()
+def pool_images(
+    ws: Workspace, round: int, teacher: torch.nn.Module, index: pd.DataFrame, strategy: str, device: torch.device,
+    amp: bool, progress: Progress | None = None, first_batch: int = 0,
+) -> tuple[Any, dict[str, float]]:
+    """Teacher forward + per-superpixel pooling over the images of ``index``.
+
+    ``index`` is the superpixel index or a contiguous slice of its rows (a Dask shard,
+    :mod:`gpual.distributed`) starting at batch ``first_batch`` of the whole pool (row
+    ``first_batch * acquisition.batch_size``): every batch is then the very batch a
+    single-process run forms, so a shard's statistics equal the single-process ones bit
+    for bit on CPU at the same torch thread count (a convolution's float sums depend on
+    it; Dask workers run one thread). Returns (RegionStats of the slice's regions, global ids
+    ``offset[0] ..``, on ``device``; {"forward", "pooling"} seconds). The teacher is in
+    eval mode on ``device``; BALD's Monte-Carlo dropout draws are seeded per global batch
+    (config seed, round, batch number), so they too do not depend on the sharding.
+    """
+    from gpual.model import normalize
+    from gpual.pooling import RegionPooler
+
+    if len(index) == 0:
+        raise GpualError("no pool images to score: the superpixel index is empty; run `gpual superpixels`")
+    offsets = index["offset"].to_numpy(np.int64)
+    sizes = index["n_regions"].to_numpy(np.int64)
+    if (offsets[1:] != offsets[:-1] + sizes[:-1]).any():
+        raise GpualError(f"{ws.root}'s superpixel index has non-cumulative region offsets: run `gpual superpixels {ws.root}` again")
+    batch_size = ws.config.acquisition.batch_size
+    local = index.assign(offset=offsets - offsets[0])  # region ids relative to this slice's first region
     mc_passes = ws.config.acquisition.mc_passes if strategy == "bald" else 0
-    pooler = RegionPooler(n_regions, teacher.embedding_dim, device)
-    amp = backend.is_cuda and ws.config.train.amp
+    teacher.eval()
+    pooler = RegionPooler(int(sizes.sum()), teacher.embedding_dim, device)
     t_forward = t_pool = 0.0
     done = 0
-    for images, regions in iter_pool_batches(ws, index, ws.config.acquisition.batch_size, device):
+    for batch, (images, regions) in enumerate(iter_pool_batches(ws, local, batch_size, device), start=first_batch):
         t0 = time.perf_counter()
         x = normalize(images)
         with torch.autocast(device.type, enabled=amp):
             out = teacher(x)
         probs = torch.softmax(out["logits"].float(), dim=1)
         embedding = out["embedding"].float()
-        mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp) if mc_passes else None
-        backend.synchronize()
+        mc_seed = int(np.random.SeedSequence([ws.config.acquisition.seed, round, batch]).generate_state(1)[0])
+        mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp, mc_seed) if mc_passes else None
+        _synchronize(device)
         t1 = time.perf_counter()
         pooler.add(probs, embedding, regions, mc_probs=mc_probs)
-        backend.synchronize()
+        _synchronize(device)
         t_forward += t1 - t0
         t_pool += time.perf_counter() - t1
         done += len(images)
         if progress:
             progress(done, len(index))
-    bank_vectors, _ = bank.vectors()
-    return pooler.result(), bank_vectors, {"forward": t_forward, "pooling": t_pool}
+    return pooler.result(), {"forward": t_forward, "pooling": t_pool}
 
 
-def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp: bool) -> torch.Tensor:
-    """(T,B,C,H,W) softmax probabilities with only the dropout layers in training mode (BALD)."""
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued torch work on ``device`` (stage timings); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp: bool, seed: int) -> torch.Tensor:
+    """(T,B,C,H,W) softmax probabilities with only the dropout layers in training mode (BALD).
+
+    The dropout masks come from ``seed`` (the caller's RNG state is restored afterwards).
+    """
     dropouts = model.dropout_modules()
     for m in dropouts:
         m.train()
     try:
-        samples = []
-        for _ in range(passes):
-            with torch.autocast(x.device.type, enabled=amp):
-                samples.append(torch.softmax(model(x)["logits"].float(), dim=1))
-        return torch.stack(samples)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            samples = []
+            for _ in range(passes):
+                with torch.autocast(x.device.type, enabled=amp):
+                    samples.append(torch.softmax(model(x)["logits"].float(), dim=1))
+            return torch.stack(samples)
     finally:
         for m in dropouts:
             m.eval()

@@ -5,6 +5,7 @@ arguments; the labels stay in the backend's namespace.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gpual.backend import Backend
@@ -12,7 +13,8 @@ from gpual.config import KMeansConfig
 from gpual.errors import GpualError
 
 
-def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig) -> Any:
+def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
+                  fit_predict: Callable[[Any, dict[str, Any]], Any] | None = None) -> Any:
     """Cluster ``points`` into ``k`` clusters.
 
     Args:
@@ -21,6 +23,9 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig) -> A
             pooled embeddings).
         k: number of clusters = the round's budget in regions.
         cfg: max_iter, n_init, random_state.
+        fit_predict: ``fit_predict(points, kmeans_params) -> labels`` instead of the
+            backend's estimator (the Dask scale-out,
+            :meth:`gpual.distributed.DaskCluster.kmeans_fit_predict`).
 
     Returns:
         ``xp`` (R,) int64 cluster label in [0, k) per region, on the backend's device.
@@ -43,7 +48,7 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig) -> A
         raise GpualError(
             f"config kmeans.max_iter = {cfg.max_iter} and kmeans.n_init = {cfg.n_init} must be at least 1: fix them in gpual.toml"
         )
-    estimator = backend.kmeans(n_clusters=k, max_iter=cfg.max_iter, n_init=cfg.n_init, random_state=cfg.random_state)
-    labels = estimator.fit_predict(x)
+    params = dict(n_clusters=k, max_iter=cfg.max_iter, n_init=cfg.n_init, random_state=cfg.random_state)
+    labels = fit_predict(x, params) if fit_predict is not None else backend.kmeans(**params).fit_predict(x)
     # scikit-learn gives int32 NumPy, cuML (output_type="cupy") int32 CuPy.
     return xp.asarray(labels).astype(xp.int64)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,8 @@ class UmapEmbedding:
     notes: list[str] = field(default_factory=list)
 
 
-def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: UmapConfig) -> UmapEmbedding:
+def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: UmapConfig,
+               transform: Callable[[Any, Any], Any] | None = None) -> UmapEmbedding:
     """Fit UMAP on the memory bank and map the pooled region embeddings into its space.
 
     Args:
@@ -46,6 +48,9 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         bank_vectors: ``xp`` (N, D) float32, the memory bank's vectors (all classes).
         region_embedding: ``xp`` (R, D) float32, pooled region embeddings.
         cfg: n_components, n_neighbors, min_dist, random_state.
+        transform: ``transform(fitted_reducer, regions) -> points`` instead of
+            ``fitted_reducer.transform(regions)`` (the Dask scale-out,
+            :meth:`gpual.distributed.DaskCluster.umap_transform`).
 
     Returns:
         :class:`UmapEmbedding` with points ``xp`` (R, n_components) float32.
@@ -100,7 +105,7 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         reducer.fit(bank)
         backend.synchronize()
         t1 = time.perf_counter()
-        points = reducer.transform(regions)
+        points = transform(reducer, regions) if transform is not None else reducer.transform(regions)
         backend.synchronize()
         t2 = time.perf_counter()
     timings["umap_fit"] = t1 - t0
