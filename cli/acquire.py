@@ -142,8 +142,10 @@ def demo(
     rounds: int = typer.Option(3, "--rounds", "-n", min=1, help="Active-learning rounds."),
     device: str = DeviceOpt,
 ) -> None:
-    """The whole loop on synthetic scenes (no download): makes data, a workspace with the
-    `demo` preset, superpixels, then `run`. Prints mIoU per round."""
+    """The whole loop on synthetic scenes, no download: data, workspace, superpixels, `run`.
+
+    Writes synthetic scenes and a workspace with the `demo` preset under --workspace,
+    then runs the rounds and prints the mIoU and labelled pixel share per round."""
     from gpual.backend import get_backend
     from gpual.config import make_config
     from gpual.loop import LoopOptions, run_loop
