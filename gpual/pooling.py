@@ -76,6 +76,19 @@ def bald_information(mc_probs: Tensor) -> Tensor:
     return (predictive - expected).clamp_min(0.0)
 
 
+def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The largest and second-largest probability of every pixel, as ``topk(2, dim=1)``.
+
+    ``probs``: (B, C, H, W), C >= 2. Returns two (B, H, W) tensors. A max, an argmax
+    and a max of the tensor with that one entry masked: on CUDA this is several times
+    faster than ``topk`` over the short, strided class dimension. Ties behave as ``topk``:
+    only one entry is masked, so two equal maxima give a second value equal to the first.
+    """
+    first, arg = probs.max(dim=1, keepdim=True)
+    second = probs.scatter(1, arg, float("-inf")).amax(dim=1)
+    return first.squeeze(1), second
+
+
 class RegionPooler:
     """Accumulates per-region statistics over batches with torch scatter ops.
 
@@ -128,9 +141,9 @@ class RegionPooler:
 
         probs = probs.float()
         self._entropy.index_add_(0, index, (pixel_entropy(probs, dim=1) * weight).reshape(-1))
-        top2 = probs.topk(2, dim=1).values  # (B, 2, H, W)
-        self._maxprob.index_add_(0, index, (top2[:, 0] * weight).reshape(-1))
-        self._margin.index_add_(0, index, ((top2[:, 0] - top2[:, 1]) * weight).reshape(-1))
+        first, second = top_two(probs)
+        self._maxprob.index_add_(0, index, (first * weight).reshape(-1))
+        self._margin.index_add_(0, index, ((first - second) * weight).reshape(-1))
         self._pixels.index_add_(0, index, valid.reshape(-1).to(torch.int64))
 
         # One transient (B, H*W, D) copy (always a copy, so the in-place mask never

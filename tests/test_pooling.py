@@ -190,3 +190,15 @@ def test_add_leaves_the_callers_tensors_untouched() -> None:
     pooler.add(probs, emb, torch.tensor([[[0, -1, 1]]]))
     assert torch.equal(emb, torch.ones(1, 1, 1, 3)) and torch.equal(probs, torch.full((1, 2, 1, 3), 0.5))
     torch.testing.assert_close(pooler.result().pixels, torch.tensor([1, 1]))
+
+
+def test_top_two_equals_topk_ties_included() -> None:
+    from gpual.pooling import top_two
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(2, 11, 5, 6, generator=g), dim=1)
+    probs[0, :, 0, 0] = torch.tensor([0.3, 0.3, 0.1, 0.1, 0.1, 0.1, 0, 0, 0, 0, 0])  # a tie for first
+    first, second = top_two(probs)
+    expected = probs.topk(2, dim=1).values
+    assert torch.equal(first, expected[:, 0]) and torch.equal(second, expected[:, 1])
+    assert first[0, 0, 0] == second[0, 0, 0] == pytest.approx(0.3)
