@@ -36,16 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
+from gpual.acquisition import _manifest  # noqa: E402
 from gpual.backend import Backend, get_backend  # noqa: E402
 from gpual.config import KMeansConfig, UmapConfig  # noqa: E402
 from gpual.pooling import RegionStats  # noqa: E402
 from gpual.strategies import select_regions  # noqa: E402
 
+REGIONS_PER_IMAGE = 432  # a CamVid frame at ~400 px per region
 STAGES = ("forward", "pooling", "handoff", "umap_fit", "umap_transform", "kmeans", "ranking", "manifest")
 
 
@@ -80,8 +83,11 @@ def synthetic_stats(n_regions: int, dim: int, n_classes: int, bank_per_class: in
 
 def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, budget: int, strategy: str,
                    repeats: int) -> dict[str, Any]:
-    """Median per-stage seconds of ``select_regions`` (+ the manifest frame) over ``repeats`` runs after one warm-up."""
+    """Median per-stage seconds of ``select_regions`` and the manifest over ``repeats`` runs after one warm-up."""
     candidates = torch.arange(len(stats.pixels), device=backend.device)
+    n_images = -(-len(stats.pixels) // REGIONS_PER_IMAGE)
+    offsets = np.arange(n_images, dtype=np.int64) * REGIONS_PER_IMAGE
+    index = pd.DataFrame({"image": [f"image{i:07d}" for i in range(n_images)], "offset": offsets})
     runs: list[dict[str, float]] = []
     for i in range(repeats + 1):
         if backend.is_cuda:
@@ -92,7 +98,9 @@ def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, bud
         )
         backend.synchronize()
         t0 = time.perf_counter()
-        frame = backend.frame.DataFrame({"region": selection.indices, "score": selection.scores})
+        # The manifest as `gpual select` builds it (image names joined from the index,
+        # local region ids), on a made-up pool of 432-region images, written as parquet.
+        frame = _manifest(backend, index, offsets, candidates, stats.pixels, selection, 1, strategy)
         frame.to_parquet(f"/tmp/gpual-bench-{backend.name}.parquet", index=False)
         backend.synchronize()
         timings = dict(selection.timings)

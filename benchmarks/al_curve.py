@@ -41,16 +41,12 @@ def workspace_for(out: Path, name: str, base: Workspace, overrides: dict[str, An
 
 def full_reference(base: Workspace, device: Any, split: str) -> float:
     """mIoU of the same network and schedule trained on every pool label (cached in base/full)."""
-    import json
-
     from gpual.evaluation import evaluate
-    from gpual.training import train_full
+    from gpual.training import read_full_metrics, train_full
 
-    metrics = base.full_dir / "metrics.json"
-    if metrics.exists():
-        miou = json.loads(metrics.read_text()).get("evaluation", {}).get("miou")
-        if miou is not None:
-            return float(miou)
+    miou = read_full_metrics(base).get("evaluation", {}).get("miou")
+    if miou is not None:
+        return float(miou)
     train_full(base, device, resume=(base.full_dir / "train_state.pt").exists())
     return float(evaluate(base, None, split, device)["miou"])
 

@@ -30,12 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
+from gpual.backend import synchronize_device as sync  # noqa: E402
 from gpual.pooling import RegionPooler  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[float]:

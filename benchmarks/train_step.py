@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
+from gpual.backend import synchronize_device  # noqa: E402
 from gpual.config import BACKBONES, make_config  # noqa: E402
 from gpual.memory_bank import MemoryBank  # noqa: E402
 from gpual.model import OUTPUT_STRIDES, build_model  # noqa: E402
@@ -66,20 +67,16 @@ def bench(size: tuple[int, int], args: argparse.Namespace, device: torch.device,
     batches = [synthetic_batch(args.batch, h, w, args.classes, args.labeled, g) for _ in range(min(4, args.steps))]
     batches = [(x.to(device), y.to(device)) for x, y in batches]
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for i in range(args.warmup):
         train_step(trainer, *batches[i % len(batches)], sampling)
-    sync()
+    synchronize_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, anchors = [], []
     for i in range(args.steps):
         t0 = time.perf_counter()
         stats = train_step(trainer, *batches[i % len(batches)], sampling)  # float(loss) syncs on CUDA
-        sync()
+        synchronize_device(device)
         times.append(time.perf_counter() - t0)
         anchors.append(stats["anchors"])
     step = statistics.mean(times)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gpual.backend import Backend
+from gpual.backend import Backend, synchronize_device
 from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
 from gpual.strategies import STRATEGY_NAMES, select_regions
@@ -316,22 +316,16 @@ def pool_images(
         embedding = out["embedding"].float()
         mc_seed = int(np.random.SeedSequence([ws.config.acquisition.seed, round, batch]).generate_state(1)[0])
         mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp, mc_seed) if mc_passes else None
-        _synchronize(device)
+        synchronize_device(device)
         t1 = time.perf_counter()
         pooler.add(probs, embedding, regions, mc_probs=mc_probs)
-        _synchronize(device)
+        synchronize_device(device)
         t_forward += t1 - t0
         t_pool += time.perf_counter() - t1
         done += len(images)
         if progress:
             progress(done, len(index))
     return pooler.result(), {"forward": t_forward, "pooling": t_pool}
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued torch work on ``device`` (stage timings); a no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp: bool, seed: int) -> torch.Tensor:

@@ -113,8 +113,8 @@ class Backend:
 
     def synchronize(self) -> None:
         """Wait for queued device work (timing); a no-op on CPU."""
+        synchronize_device(self.device)
         if self.is_cuda:
-            torch.cuda.synchronize(self.device)
             self.xp.cuda.get_current_stream().synchronize()
 
     def versions(self) -> dict[str, str]:
@@ -138,6 +138,16 @@ class Backend:
                 except ImportError:
                     info[name] = "missing"
         return info
+
+
+def synchronize_device(device: torch.device) -> None:
+    """Wait for queued torch work on ``device`` (stage timings); a no-op on CPU.
+
+    For code that holds a torch device but no :class:`Backend` (pooling on a Dask worker,
+    benchmarks); :meth:`Backend.synchronize` adds CuPy's stream.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def cpu_backend(reason: str = "") -> Backend:
