@@ -15,6 +15,13 @@ from cli.main import DeviceOpt, RoundOpt, WorkspaceArg, console, workspace_path
 from gpual.config import STRATEGIES
 from gpual.workspace import CONFIG_NAME, Workspace
 
+DaskOpt = typer.Option(
+    None, "--dask", metavar="ADDRESS",
+    help="Run selection on an existing Dask cluster (scheduler address, e.g. tcp://host:8786); "
+    "its workers need gpual and must see the workspace and data at the same paths.",
+)
+GpusOpt = typer.Option(None, "--gpus", min=1, help="Start N dask-cuda GPU workers on this machine (gpu extra).")
+DaskWorkersOpt = typer.Option(None, "--dask-workers", min=1, help="Start N local Dask CPU worker processes.")
 StrategyOpt = typer.Option(None, "--strategy", "-s", help=f"One of: {', '.join(STRATEGIES)} (default: the config's).")
 BudgetOpt = typer.Option(None, "--budget", "-b", help="Regions to select this round (default: the config's).", min=1)
 BudgetPixelsOpt = typer.Option(None, "--budget-pixels", help="Budget as a share of the pool's pixels, e.g. 1.5%.")
@@ -46,13 +53,9 @@ def select(
     budget_pixels: str = BudgetPixelsOpt,
     force: bool = typer.Option(False, "--force", help="Select an already selected round again (discards its later steps)."),
     device: str = DeviceOpt,
-    dask: str = typer.Option(
-        None, "--dask", metavar="ADDRESS",
-        help="Run the round on an existing Dask cluster (scheduler address, e.g. tcp://host:8786); "
-        "its workers need gpual and must see the workspace and data at the same paths.",
-    ),
-    gpus: int = typer.Option(None, "--gpus", min=1, help="Start N dask-cuda GPU workers on this machine (gpu extra)."),
-    dask_workers: int = typer.Option(None, "--dask-workers", min=1, help="Start N local Dask CPU worker processes."),
+    dask: str = DaskOpt,
+    gpus: int = GpusOpt,
+    dask_workers: int = DaskWorkersOpt,
 ) -> None:
     """Pick round N's regions to label with round N-1's teacher (round 0: at random).
 
@@ -119,20 +122,27 @@ def run(
     budget_pixels: str = BudgetPixelsOpt,
     split: str = typer.Option(None, "--split", help="Evaluation split (default: the config's val split)."),
     device: str = DeviceOpt,
+    dask: str = DaskOpt,
+    gpus: int = GpusOpt,
+    dask_workers: int = DaskWorkersOpt,
 ) -> None:
     """Run rounds 0..R-1: select -> label (simulated oracle) -> train -> evaluate.
 
     Resumable: re-running continues at the first unfinished step. Writes everything a
-    round's steps write (rounds/NNN/*) and the superpixel cache if it is missing.
+    round's steps write (rounds/NNN/*) and the superpixel cache if it is missing. With
+    --dask, --gpus or --dask-workers the selection of rounds >= 1 runs on Dask workers
+    (training and evaluation stay in this process).
     """
     from gpual.backend import get_backend
+    from gpual.distributed import cluster_for
     from gpual.loop import LoopOptions, run_loop
 
     ws = Workspace.open(workspace_path(workspace))
     backend = get_backend(device)
     start = time.perf_counter()
-    with ws.lock("run"), progress_bars() as bars:
-        rows = run_loop(ws, backend, LoopOptions(rounds, strategy, budget, budget_pixels, split), _reporter, bars)
+    with ws.lock("run"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars() as bars:
+        rows = run_loop(ws, backend, LoopOptions(rounds, strategy, budget, budget_pixels, split), _reporter, bars,
+                        cluster=cluster)
     _print_rounds(rows)
     console.print(f"done in {time.perf_counter() - start:.0f} s on {backend.name}; workspace {ws.root}")
 

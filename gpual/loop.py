@@ -26,10 +26,13 @@ class LoopOptions:
 
 
 def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Reporter | None = None,
-             progress: Callable[[str], Callable[[int, int], None] | None] | None = None) -> list[dict[str, Any]]:
+             progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+             cluster: Any | None = None) -> list[dict[str, Any]]:
     """Finish rounds ``0 .. options.rounds-1``; returns one summary row per round.
 
     ``progress(step)`` may return a callback ``(done, total)`` for that step's progress bar.
+    ``cluster`` (a :class:`gpual.distributed.DaskCluster`) runs the selection of rounds
+    >= 1 on its workers; round 0 is random and needs none.
     """
     from gpual.acquisition import acquire
     from gpual.evaluation import evaluate
@@ -49,7 +52,7 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
             result = acquire(ws, r, backend, strategy=options.strategy if r > 0 else None,
                              budget=options.budget if r > 0 else None,
                              budget_pixels=options.budget_pixels if r > 0 else None,
-                             progress=progress("select"))
+                             progress=progress("select"), cluster=cluster if r > 0 else None)
             report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings})
         if not state.labeled:
             labeled = label_round(ws, r)

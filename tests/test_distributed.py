@@ -158,6 +158,19 @@ def test_cli_select_on_a_dask_address_equals_one_process(capsys, ws: Workspace, 
     pd.testing.assert_frame_equal(pd.read_parquet(ws.query_path(1)), pd.read_parquet(reference.query_path(1)))
 
 
+def test_cli_run_selects_later_rounds_on_the_cluster(capsys, ws: Workspace, cluster) -> None:
+    address = cluster.client.scheduler.address
+    r = run_cli(capsys, "run", ws.root, "--rounds", "2", "--strategy", "entropy", "--budget", "10", "--device", "cpu",
+                "--dask", address)
+    assert r.code == 0, r.err
+    round1 = ws.read_metrics(1)
+    assert round1["acquisition"]["dask"] == f"Dask scheduler {address}"
+    assert "dask" not in ws.read_metrics(0).get("acquisition", {})  # round 0 (random) was selected before
+    query = ws.read_query(1)
+    assert len(query) == 10 and not query.duplicated(["image", "region"]).any()
+    assert 0.0 <= round1["evaluation"]["miou"] <= 1.0
+
+
 class _KillFirstShard(distributed.WorkerPlugin):
     """Kills its worker's process when a pooling shard starts executing, once (marker file)."""
 
