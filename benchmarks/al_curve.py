@@ -42,9 +42,9 @@ def workspace_for(out: Path, name: str, base: Workspace, overrides: dict[str, An
 def full_reference(base: Workspace, device: Any, split: str) -> float:
     """mIoU of the same network and schedule trained on every pool label (cached in base/full)."""
     from gpual.evaluation import evaluate
-    from gpual.training import read_full_metrics, train_full
+    from gpual.training import train_full
 
-    miou = read_full_metrics(base).get("evaluation", {}).get("miou")
+    miou = base.read_full_metrics().get("evaluation", {}).get("miou")
     if miou is not None:
         return float(miou)
     train_full(base, device, resume=(base.full_dir / "train_state.pt").exists())

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from gpual.errors import GpualError
 from gpual.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from gpual.model import normalize
-from gpual.training import load_checkpoint, pad_collate, read_full_metrics, update_full_metrics
+from gpual.training import load_checkpoint, pad_collate
 from gpual.workspace import Workspace
 
 
@@ -94,8 +94,8 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device)
         "round": round,
     }
     if round is None:
-        evaluations = {**read_full_metrics(ws).get("evaluations", {}), name: result}
-        update_full_metrics(ws, evaluation=result, evaluations=evaluations)
+        evaluations = {**ws.read_full_metrics().get("evaluations", {}), name: result}
+        ws.update_full_metrics(evaluation=result, evaluations=evaluations)
     else:
         evaluations = {**ws.read_metrics(round).get("evaluations", {}), name: result}
         ws.update_metrics(round, evaluation=result, evaluations=evaluations)

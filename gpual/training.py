@@ -370,29 +370,8 @@ def train_full(ws: Workspace, device: torch.device, resume: bool = False, progre
         ws, data, tag=FULL_TAG, init=None, checkpoint=ws.full_dir / "checkpoint.pt", state_path=ws.full_dir / "train_state.pt",
         epochs=ws.config.train.final_epochs if epochs is None else epochs, device=device, resume=resume,
         progress=progress, log=log, command=f"gpual train {ws.root} --full",
-        write_metrics=lambda summary: update_full_metrics(ws, training=summary),
+        write_metrics=lambda summary: ws.update_full_metrics(training=summary),
     )
-
-
-def read_full_metrics(ws: Workspace) -> dict[str, Any]:
-    """``full/metrics.json`` of the full-supervision reference ({} before it exists)."""
-    import json
-
-    path = ws.full_dir / "metrics.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise GpualError(f"{path} is corrupt: delete it and run the step again") from None
-
-
-def update_full_metrics(ws: Workspace, **sections: Any) -> dict[str, Any]:
-    """Merge ``sections`` into ``full/metrics.json`` (the reference's counterpart of
-    :meth:`Workspace.update_metrics`; atomic rewrite)."""
-    metrics = {**read_full_metrics(ws), **sections}
-    atomic.write_json(ws.full_dir / "metrics.json", metrics)
-    return metrics
 
 
 def _seed(config: Config, tag: int, epoch: int) -> int:

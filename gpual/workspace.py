@@ -237,20 +237,20 @@ class Workspace:
         return _read_table(self.labeled_path(round), f"round {round} has no labels: run `gpual label {self.root} --round {round}`")
 
     def read_metrics(self, round: int) -> dict[str, Any]:
-        path = self.metrics_path(round)
-        if not path.exists():
-            return {}
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise GpualError(f"{path} is corrupt: delete it and run the round's evaluate step again") from None
+        """Round ``round``'s metrics JSON ({} before the round has any)."""
+        return _read_metrics(self.metrics_path(round))
 
     def update_metrics(self, round: int, **sections: Any) -> dict[str, Any]:
         """Merge ``sections`` into round ``round``'s metrics JSON (atomic rewrite)."""
-        metrics = self.read_metrics(round)
-        metrics.update(sections)
-        atomic.write_json(self.metrics_path(round), metrics)
-        return metrics
+        return _merge_metrics(self.metrics_path(round), sections)
+
+    def read_full_metrics(self) -> dict[str, Any]:
+        """``full/metrics.json`` of the full-supervision reference ({} before it exists)."""
+        return _read_metrics(self.full_dir / "metrics.json")
+
+    def update_full_metrics(self, **sections: Any) -> dict[str, Any]:
+        """Merge ``sections`` into ``full/metrics.json`` (atomic rewrite)."""
+        return _merge_metrics(self.full_dir / "metrics.json", sections)
 
     # --- status -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -310,3 +310,20 @@ def _read_table(path: Path, missing_message: str) -> pd.DataFrame:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise GpualError(f"{path} is unreadable ({type(exc).__name__}): delete it and run the step that writes it again") from None
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """A metrics JSON file as a dict; {} when it does not exist yet."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise GpualError(f"{path} is corrupt: delete it and run the step that wrote it again") from None
+
+
+def _merge_metrics(path: Path, sections: dict[str, Any]) -> dict[str, Any]:
+    """Merge top-level ``sections`` into the metrics JSON at ``path`` (atomic rewrite)."""
+    metrics = {**_read_metrics(path), **sections}
+    atomic.write_json(path, metrics)
+    return metrics
