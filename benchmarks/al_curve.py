@@ -6,7 +6,8 @@ against the full-supervision reference trained with the same network and schedul
     python benchmarks/al_curve.py --synthetic --preset demo --rounds 3     # no dataset needed
 
 Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
-once and copied). Writes JSON + a markdown table in benchmarks/results/ and a PNG with
+once and copied). Round 0 is random, seeded, and does not depend on the strategy, so it
+runs once per seed and is copied into that seed's other workspaces. Writes JSON + a markdown table in benchmarks/results/ and a PNG with
 the mean and spread (min..max) over seeds.
 """
 from __future__ import annotations
@@ -37,6 +38,13 @@ def workspace_for(out: Path, name: str, base: Workspace, overrides: dict[str, An
     ws = Workspace.create(root, make_config(preset, overrides))
     shutil.copytree(base.superpixel_dir, ws.superpixel_dir, dirs_exist_ok=True)
     return ws
+
+
+def share_round_zero(source: Workspace, target: Workspace) -> None:
+    """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``."""
+    if target.round_dir(0).exists() or not source.round_state(0).evaluated:
+        return
+    shutil.copytree(source.round_dir(0), target.round_dir(0), ignore=shutil.ignore_patterns("train_state.pt"))
 
 
 def full_reference(base: Workspace, device: Any, split: str) -> float:
@@ -125,10 +133,14 @@ def main() -> None:
     full = full_reference(base, backend.device, args.split)
 
     curves: dict[str, list[list[dict[str, Any]]]] = {}
+    first_of_seed: dict[int, Workspace] = {}
     for strategy in args.strategies.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             overrides = {**common, "acquisition": {**acquisition, "strategy": strategy, "seed": seed}, "train": {"seed": seed}}
             ws = workspace_for(args.out, f"{strategy}-seed{seed}", base, overrides, args.preset)
+            if seed in first_of_seed:
+                share_round_zero(first_of_seed[seed], ws)
+            first_of_seed.setdefault(seed, ws)
             t0 = time.perf_counter()
             rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split))
             print(f"{strategy} seed {seed}: " + ", ".join(f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}" for r in rows)

@@ -24,6 +24,7 @@ import torch
 from gpual.backend import Backend, synchronize_device
 from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
+from gpual.seeding import MC_DROPOUT, SELECT, derive_seed
 from gpual.strategies import STRATEGY_NAMES, select_regions
 from gpual.superpixels import load_superpixels, read_index
 from gpual.workspace import QUERY_COLUMNS, Workspace
@@ -143,7 +144,7 @@ def acquire(
             region_score=ws.config.acquisition.region_score,
             umap_cfg=ws.config.umap,
             kmeans_cfg=ws.config.kmeans,
-            seed=ws.config.acquisition.seed + round,
+            seed=derive_seed(ws.config.acquisition.seed, SELECT, round),
             labeled_embedding=labeled_embedding,
             dask=cluster,
         )
@@ -314,7 +315,7 @@ def pool_images(
             out = teacher(x)
         probs = torch.softmax(out["logits"].float(), dim=1)
         embedding = out["embedding"].float()
-        mc_seed = int(np.random.SeedSequence([ws.config.acquisition.seed, round, batch]).generate_state(1)[0])
+        mc_seed = derive_seed(ws.config.acquisition.seed, MC_DROPOUT, round, batch)
         mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp, mc_seed) if mc_passes else None
         synchronize_device(device)
         t1 = time.perf_counter()

@@ -51,6 +51,7 @@ from gpual.config import Config, ModelConfig
 from gpual.errors import GpualError
 from gpual.losses import IGNORE_INDEX, contrastive_loss, cross_entropy
 from gpual.memory_bank import MemoryBank
+from gpual.seeding import TRAIN, derive_seed
 from gpual.model import SegmentationModel, build_model, normalize
 from gpual.teacher import ema_update, make_teacher
 from gpual.workspace import Workspace
@@ -376,7 +377,7 @@ def train_full(ws: Workspace, device: torch.device, resume: bool = False, progre
 
 def _seed(config: Config, tag: int, epoch: int) -> int:
     """Seed of (train.seed, round or FULL_TAG, epoch); epoch -1 seeds the weight initialisation."""
-    return config.train.seed * 1_000_003 + (tag + 2) * 1_009 + (epoch + 1)
+    return derive_seed(config.train.seed, TRAIN, tag, epoch)
 
 
 def _train(ws: Workspace, data: TrainingSet, tag: int, init: Path | None, checkpoint: Path, state_path: Path, epochs: int,
