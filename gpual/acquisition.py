@@ -26,7 +26,7 @@ from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
 from gpual.seeding import MC_DROPOUT, SELECT, derive_seed
 from gpual.strategies import STRATEGY_NAMES, select_regions
-from gpual.superpixels import load_superpixels, read_index
+from gpual.superpixels import load_superpixels, read_index, read_region_pixels
 from gpual.workspace import QUERY_COLUMNS, Workspace
 
 Progress = Callable[[int, int], None]
@@ -116,7 +116,7 @@ def acquire(
     n_regions = int(index["n_regions"].sum())
     labeled = ws.read_labeled(round - 1)
     labeled_ids = _global_ids(index, labeled)
-    region_pixels = _region_pixels(ws, index, n_regions)
+    region_pixels = read_region_pixels(ws, index)
 
     candidate_mask = np.ones(n_regions, dtype=bool)
     candidate_mask[labeled_ids] = False
@@ -202,17 +202,6 @@ def _global_ids(index: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
     if missing:
         raise GpualError(f"labeled images {sorted(missing)[:3]} are not in the superpixel index: was the pool changed? start a new workspace")
     return offsets.loc[table["image"].astype(str)].to_numpy() + table["region"].to_numpy(np.int64)
-
-
-def _region_pixels(ws: Workspace, index: pd.DataFrame, n_regions: int) -> np.ndarray:
-    """(R,) int64 pixels per region over the pool, from the cached superpixels (host, cheap)."""
-    from gpual.superpixels import region_pixel_counts
-
-    out = np.zeros(n_regions, dtype=np.int64)
-    for row in index.itertuples():
-        sp = load_superpixels(ws, row.image, index)
-        out[row.offset : row.offset + row.n_regions] = region_pixel_counts(sp, int(row.n_regions))
-    return out
 
 
 def _random_stats(region_pixels: np.ndarray, device: torch.device) -> Any:

@@ -40,6 +40,9 @@ from gpual.errors import GpualError
 from gpual.workspace import Workspace
 
 INDEX_NAME = "index.parquet"
+# Pixels per region, one row per region of the pool in global id order (column "pixels"):
+# acquisition needs them for every candidate, without decompressing every map.
+REGIONS_NAME = "regions.parquet"
 # Bumped when the way a map is computed changes, so old caches are recomputed.
 CACHE_VERSION = 1
 # Region ids are stored as uint16; fast-slic itself refuses more than 65534 components.
@@ -287,7 +290,8 @@ def build_cache(
     """Compute (or reuse) the superpixels of every pool image and write the index.
 
     Reads the pool split's images; writes ``superpixels/<id>-<key>.npz`` for images whose
-    key changed, then ``superpixels/index.parquet`` (atomically), then removes maps no
+    key changed, then ``superpixels/regions.parquet`` (pixels per region) and
+    ``superpixels/index.parquet`` (each atomically; the index last), then removes maps no
     longer referenced. An error part-way leaves the previous index untouched. ``method``
     overrides ``superpixels.method`` without changing the config; ``workers`` (default
     ``superpixels.workers``) processes compute in parallel, 1 = in this process.
@@ -311,7 +315,7 @@ def build_cache(
     old_rows = {} if old is None else {row.image: row for row in old.itertuples(index=False)}
 
     total = len(pool)
-    meta: dict[int, tuple[int, int, int]] = {}  # pool position -> (n_regions, height, width)
+    meta: dict[int, MapMeta] = {}  # pool position -> (n_regions, height, width, pixels per region)
     todo: list[int] = []
     for i, (sample, key, name) in enumerate(zip(pool, keys, files)):
         row = old_rows.get(sample.id)
@@ -358,6 +362,7 @@ def build_cache(
                         progress(done, total)
 
     n_regions = np.array([meta[i][0] for i in range(total)], dtype=np.int64)
+    region_pixels = np.concatenate([meta[i][3] for i in range(total)]) if total else np.zeros(0, np.int64)
     heights = np.array([meta[i][1] for i in range(total)], dtype=np.int64)
     widths = np.array([meta[i][2] for i in range(total)], dtype=np.int64)
     index = pd.DataFrame(
@@ -373,6 +378,10 @@ def build_cache(
             "offset": np.concatenate([[0], np.cumsum(n_regions)[:-1]]).astype(np.int64),
         }
     )
+    regions = pd.DataFrame({"pixels": region_pixels.astype(np.int32)})
+    stored = _read_regions_or_none(ws)
+    if stored is None or not np.array_equal(stored, region_pixels):
+        write_parquet(ws.superpixel_dir / REGIONS_NAME, regions)
     if old is None or not _same_table(old, index):
         write_parquet(ws.superpixel_dir / INDEX_NAME, index)
     _remove_unreferenced(ws.superpixel_dir, set(files))
@@ -395,8 +404,12 @@ def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     )
 
 
-def _compute_and_save(task: tuple[str, str, dict[str, Any], int]) -> tuple[int, int, int]:
-    """Worker: read one image at the working scale, compute, save; -> (n_regions, height, width)."""
+# (n_regions, height, width, (n_regions,) int64 pixels per region) of one cached map.
+MapMeta = tuple[int, int, int, np.ndarray]
+
+
+def _compute_and_save(task: tuple[str, str, dict[str, Any], int]) -> MapMeta:
+    """Worker: read one image at the working scale, compute, save; -> its :data:`MapMeta`."""
     image_path, out_path, params, threads = task
     if threads == 1:
         cv2.setNumThreads(1)  # a worker process: one per core already
@@ -412,11 +425,12 @@ def _compute_and_save(task: tuple[str, str, dict[str, Any], int]) -> tuple[int, 
     )
     with atomic_path(Path(out_path)) as tmp:
         np.savez_compressed(tmp, labels=labels)
-    return int(labels.max()) + 1, labels.shape[0], labels.shape[1]
+    n = int(labels.max()) + 1
+    return n, labels.shape[0], labels.shape[1], region_pixel_counts(labels, n)
 
 
-def _cached_meta(path: Path, expected: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-    """(n_regions, height, width) of a cached map that loads whole and, if given, matches
+def _cached_meta(path: Path, expected: tuple[int, int, int] | None) -> MapMeta | None:
+    """The :data:`MapMeta` of a cached map that loads whole and, if given, matches
     ``expected`` = (height, width, n_regions) from the index; None if it must be recomputed."""
     if not path.exists():
         return None
@@ -427,7 +441,7 @@ def _cached_meta(path: Path, expected: tuple[int, int, int] | None) -> tuple[int
     n = int(labels.max()) + 1 if labels.size else 0
     if expected is not None and expected != (labels.shape[0], labels.shape[1], n):
         return None
-    return n, labels.shape[0], labels.shape[1]
+    return n, labels.shape[0], labels.shape[1], region_pixel_counts(labels, n)
 
 
 def _load_labels(path: Path) -> np.ndarray:
@@ -495,6 +509,30 @@ def read_index(ws: Workspace) -> pd.DataFrame:
     if missing:
         raise GpualError(f"{path} lacks column(s) {', '.join(missing)}: run `gpual superpixels {ws.root}` again")
     return index
+
+
+def read_region_pixels(ws: Workspace, index: pd.DataFrame) -> np.ndarray:
+    """(R,) int64 pixels per region of the pool, by global region id (host), from
+    ``superpixels/regions.parquet``; R = ``index["n_regions"].sum()``."""
+    pixels = _read_regions_or_none(ws)
+    rerun = f"run `gpual superpixels {ws.root}` (it reuses the cached maps)"
+    if pixels is None:
+        raise GpualError(f"{ws.superpixel_dir / REGIONS_NAME} is missing or unreadable: {rerun}")
+    n_regions = int(index["n_regions"].sum())
+    if len(pixels) != n_regions:
+        raise GpualError(f"{ws.superpixel_dir / REGIONS_NAME} has {len(pixels)} regions but the index counts {n_regions}: {rerun}")
+    return pixels
+
+
+def _read_regions_or_none(ws: Workspace) -> np.ndarray | None:
+    """(R,) int64 pixels per region, or None where the file is missing or damaged."""
+    path = ws.superpixel_dir / REGIONS_NAME
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path, columns=["pixels"])["pixels"].to_numpy(np.int64)
+    except Exception:  # pyarrow raises several types for a damaged file; KeyError for a missing column
+        return None
 
 
 def _read_index_or_none(ws: Workspace) -> pd.DataFrame | None:

@@ -20,6 +20,7 @@ from gpual.superpixels import (
     compute_superpixels,
     load_superpixels,
     read_index,
+    read_region_pixels,
     region_pixel_counts,
     seeds_grid,
     seeds_request,
@@ -185,9 +186,26 @@ def test_build_writes_index_with_cumulative_offsets(tmp_path) -> None:
     assert index["n_regions"].dtype == np.int32 and index["offset"].dtype == np.int64
     assert summary.regions_min == n.min() and summary.regions_max == n.max()
     assert 0.6 * H * W / REGION_PIXELS <= summary.regions_mean <= 1.05 * H * W / REGION_PIXELS
+    pixels = read_region_pixels(ws, index)
+    assert pixels.dtype == np.int64 and len(pixels) == n.sum()
     for row in index.itertuples():
         labels = load_superpixels(ws, row.image, index)
         assert labels.max() + 1 == row.n_regions
+        np.testing.assert_array_equal(pixels[row.offset : row.offset + row.n_regions], np.bincount(labels.ravel()))
+
+
+def test_missing_region_table_says_what_to_run_and_a_warm_rebuild_restores_it(tmp_path) -> None:
+    ws = _workspace(tmp_path)
+    build_cache(ws)
+    index = read_index(ws)
+    expected = read_region_pixels(ws, index)
+    (ws.superpixel_dir / "regions.parquet").unlink()
+    with pytest.raises(GpualError, match=f"gpual superpixels {ws.root}"):
+        read_region_pixels(ws, index)
+    before = _npz_mtimes(ws)
+    assert build_cache(ws).computed == 0
+    assert _npz_mtimes(ws) == before
+    np.testing.assert_array_equal(read_region_pixels(ws, index), expected)
 
 
 def test_second_build_recomputes_nothing(tmp_path) -> None:
