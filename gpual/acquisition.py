@@ -12,7 +12,7 @@ host. Round 0 has no model: it draws ``init_budget`` regions uniformly at random
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Dataset
 
-from gpual.backend import Backend, synchronize_device
+from gpual.backend import Backend
 from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
+from gpual.loading import StageClock, host_batches
 from gpual.seeding import MC_DROPOUT, SELECT, derive_seed
 from gpual.strategies import STRATEGY_NAMES, select_regions
 from gpual.superpixels import load_superpixels, read_index, read_region_pixels
@@ -221,32 +223,38 @@ def _random_stats(region_pixels: np.ndarray, device: torch.device) -> Any:
     )
 
 
-def iter_pool_batches(
-    ws: Workspace, index: pd.DataFrame, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images (B,H,W,3) uint8, region ids (B,H,W) int64 global; -1 = padding), on ``device``.
+class PoolBatches(Dataset):
+    """Batch ``k`` of the pool, as one item: (images (B,H,W,3) uint8, region ids (B,H,W) int64
+    global; -1 = padding), host tensors.
 
     Images of different sizes in one batch are padded to the largest; padded pixels carry
-    region id -1 and are ignored by pooling.
+    region id -1 and are ignored by pooling. Batches are formed from consecutive rows of
+    ``index`` (which may be a slice of the superpixel index: a Dask shard).
     """
-    scale = ws.config.data.scale
-    paths = index["path"].tolist()
-    for start in range(0, len(index), batch_size):
-        rows = index.iloc[start : start + batch_size]
+
+    def __init__(self, ws: Workspace, index: pd.DataFrame, batch_size: int) -> None:
+        self.ws, self.index, self.batch_size = ws, index, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.index) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ws, scale = self.ws, self.ws.config.data.scale
+        rows = self.index.iloc[k * self.batch_size : (k + 1) * self.batch_size]
         h, w = int(rows["height"].max()), int(rows["width"].max())
         images = np.zeros((len(rows), h, w, 3), dtype=np.uint8)
         regions = np.full((len(rows), h, w), -1, dtype=np.int64)
         for i, row in enumerate(rows.itertuples()):
-            image = read_image(paths[start + i], scale)
-            sp = load_superpixels(ws, row.image, index)
+            image = read_image(row.path, scale)
+            sp = load_superpixels(ws, row.image, self.index)
             if image.shape[:2] != sp.shape:
                 raise GpualError(
-                    f"{paths[start + i]} is {image.shape[1]}x{image.shape[0]} but its superpixels are {sp.shape[1]}x{sp.shape[0]}: "
+                    f"{row.path} is {image.shape[1]}x{image.shape[0]} but its superpixels are {sp.shape[1]}x{sp.shape[0]}: "
                     f"the image changed; run `gpual superpixels {ws.root}`"
                 )
             images[i, : image.shape[0], : image.shape[1]] = image
             regions[i, : sp.shape[0], : sp.shape[1]] = sp.astype(np.int64) + int(row.offset)
-        yield torch.from_numpy(images).to(device, non_blocking=True), torch.from_numpy(regions).to(device, non_blocking=True)
+        return torch.from_numpy(images), torch.from_numpy(regions)
 
 
 def _pool_with_teacher(
@@ -267,7 +275,7 @@ def _pool_with_teacher(
 @torch.no_grad()
 def pool_images(
     ws: Workspace, round: int, teacher: torch.nn.Module, index: pd.DataFrame, strategy: str, device: torch.device,
-    amp: bool, progress: Progress | None = None, first_batch: int = 0,
+    amp: bool, progress: Progress | None = None, first_batch: int = 0, loader_workers: int | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """Teacher forward + per-superpixel pooling over the images of ``index``.
 
@@ -280,6 +288,11 @@ def pool_images(
     ``offset[0] ..``, on ``device``; {"forward", "pooling"} seconds). The teacher is in
     eval mode on ``device``; BALD's Monte-Carlo dropout draws are seeded per global batch
     (config seed, round, batch number), so they too do not depend on the sharding.
+
+    Batches are decoded in ``loader_workers`` processes (default ``train.num_workers``;
+    0 inside daemonic processes such as Dask workers) into pinned memory on CUDA; stage
+    times come from CUDA events, so the loop never waits for the device (one wait at the
+    end).
     """
     from gpual.model import normalize
     from gpual.pooling import RegionPooler
@@ -295,10 +308,13 @@ def pool_images(
     mc_passes = ws.config.acquisition.mc_passes if strategy == "bald" else 0
     teacher.eval()
     pooler = RegionPooler(int(sizes.sum()), teacher.embedding_dim, device)
-    t_forward = t_pool = 0.0
+    clock = StageClock(device)
+    workers = ws.config.train.num_workers if loader_workers is None else loader_workers
     done = 0
-    for batch, (images, regions) in enumerate(iter_pool_batches(ws, local, batch_size, device), start=first_batch):
-        t0 = time.perf_counter()
+    batches = host_batches(PoolBatches(ws, local, batch_size), device, workers)
+    for batch, (images, regions) in enumerate(batches, start=first_batch):
+        images, regions = images.to(device, non_blocking=True), regions.to(device, non_blocking=True)
+        clock.start()
         x = normalize(images)
         with torch.autocast(device.type, enabled=amp):
             out = teacher(x)
@@ -306,16 +322,14 @@ def pool_images(
         embedding = out["embedding"].float()
         mc_seed = derive_seed(ws.config.acquisition.seed, MC_DROPOUT, round, batch)
         mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp, mc_seed) if mc_passes else None
-        synchronize_device(device)
-        t1 = time.perf_counter()
+        clock.mark("forward")
         pooler.add(probs, embedding, regions, mc_probs=mc_probs)
-        synchronize_device(device)
-        t_forward += t1 - t0
-        t_pool += time.perf_counter() - t1
+        clock.mark("pooling")
         done += len(images)
         if progress:
             progress(done, len(index))
-    return pooler.result(), {"forward": t_forward, "pooling": t_pool}
+    seconds = clock.seconds()
+    return pooler.result(), {"forward": seconds.get("forward", 0.0), "pooling": seconds.get("pooling", 0.0)}
 
 
 def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp: bool, seed: int) -> torch.Tensor:

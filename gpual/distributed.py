@@ -318,8 +318,9 @@ def pool_shard(root: str, config: Any, round: int, device_type: str, shard: pd.D
         device = torch.device("cpu")
     ws = Workspace(Path(root), config)
     _, teacher, _, _ = load_checkpoint(ws.checkpoint_path(round - 1), device)
+    # Dask workers are daemonic processes, which may not start loader processes.
     stats, timings = pool_images(ws, round, teacher, shard, strategy, device, device.type == "cuda" and ws.config.train.amp,
-                                 first_batch=first_batch)
+                                 first_batch=first_batch, loader_workers=0)
     host = {name: (None if getattr(stats, name) is None else getattr(stats, name).cpu().numpy()) for name in _STAT_FIELDS}
     return {"stats": host, "timings": timings}
 

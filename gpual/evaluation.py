@@ -10,12 +10,13 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from gpual.errors import GpualError
+from gpual.loading import host_batches, pad_collate
 from gpual.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from gpual.model import normalize
-from gpual.training import load_checkpoint, pad_collate
+from gpual.training import load_checkpoint
 from gpual.workspace import Workspace
 
 
@@ -66,8 +67,8 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device)
         raise GpualError(f"{path} predicts {teacher.num_classes} classes but {spec.root} has {len(classes)}: evaluate on the dataset it was trained on")
 
     amp = ws.config.train.amp and device.type == "cuda"
-    loader = DataLoader(_LabeledImages(spec, samples, ws.config.data.scale), batch_size=ws.config.acquisition.batch_size,
-                        collate_fn=pad_collate, num_workers=ws.config.train.num_workers, pin_memory=device.type == "cuda")
+    loader = host_batches(_LabeledImages(spec, samples, ws.config.data.scale), device, ws.config.train.num_workers,
+                          batch_size=ws.config.acquisition.batch_size, collate_fn=pad_collate)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -44,15 +44,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from gpual import atomic
 from gpual.config import Config, ModelConfig
 from gpual.errors import GpualError
+from gpual.loading import host_batches, pad_collate
 from gpual.losses import IGNORE_INDEX, contrastive_loss, cross_entropy
 from gpual.memory_bank import MemoryBank
-from gpual.seeding import TRAIN, derive_seed
 from gpual.model import SegmentationModel, build_model, normalize
+from gpual.seeding import TRAIN, derive_seed
 from gpual.teacher import ema_update, make_teacher
 from gpual.workspace import Workspace
 
@@ -136,19 +137,6 @@ class _ImageTargets(Dataset):
                 f"{target.shape[1]}x{target.shape[0]}: the image changed; run `gpual superpixels` again or restore it"
             )
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(target))
-
-
-def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (image, target) pairs, padding right/bottom to the largest: images with 0,
-    targets with 255 (ignored by every loss and metric). -> ((B, H, W, 3) uint8, (B, H, W) uint8)."""
-    h = max(img.shape[0] for img, _ in batch)
-    w = max(img.shape[1] for img, _ in batch)
-    images = torch.zeros(len(batch), h, w, 3, dtype=torch.uint8)
-    targets = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.uint8)
-    for i, (img, tgt) in enumerate(batch):
-        images[i, : img.shape[0], : img.shape[1]] = img
-        targets[i, : tgt.shape[0], : tgt.shape[1]] = tgt
-    return images, targets
 
 
 def sparse_training_set(ws: Workspace, round: int) -> TrainingSet:
@@ -415,8 +403,8 @@ def _train(ws: Workspace, data: TrainingSet, tag: int, init: Path | None, checkp
         torch.manual_seed(seed)  # dropout
         shuffle = torch.Generator().manual_seed(seed)
         sampling = torch.Generator(device=device).manual_seed(seed)  # flips, anchors, negatives
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=shuffle, collate_fn=pad_collate,
-                            num_workers=config.train.num_workers, pin_memory=device.type == "cuda")
+        loader = host_batches(dataset, device, config.train.num_workers, batch_size=batch_size, collate_fn=pad_collate,
+                              shuffle=True, generator=shuffle)
         losses = []
         for batch, (images, targets) in enumerate(loader):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)

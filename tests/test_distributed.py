@@ -114,6 +114,22 @@ def test_distributed_pooling_equals_single_process(ws: Workspace, cluster, strat
     assert {"forward", "pooling", "pool_wall"} <= set(timings)
 
 
+def test_pooling_with_loader_processes_equals_in_process_decoding(ws: Workspace) -> None:
+    from gpual.acquisition import pool_images
+    from gpual.superpixels import read_index
+    from gpual.training import load_checkpoint
+
+    index = read_index(ws)
+    _, teacher, _, _ = load_checkpoint(ws.checkpoint_path(0), CPU)
+    seen: list[int] = []
+    ref, _ = pool_images(ws, 1, teacher, index, "entropy", CPU, False, loader_workers=0)
+    got, timings = pool_images(ws, 1, teacher, index, "entropy", CPU, False, progress=lambda done, total: seen.append(done),
+                               loader_workers=2)
+    for name in FIELDS[:-2] + ("pixels",):
+        assert torch.equal(getattr(ref, name), getattr(got, name)), name
+    assert seen == [2, 4, 6] and set(timings) == {"forward", "pooling"} and min(timings.values()) > 0
+
+
 @pytest.mark.filterwarnings("ignore:n_jobs value")
 def test_umap_transform_on_workers_matches_per_partition_transform(cluster) -> None:
     """Partitions go to the workers and come back in row order, each transformed by the

@@ -64,7 +64,8 @@ def test_torch_device() -> None:
 
 
 def test_random_hflip_flips_image_and_target_together() -> None:
-    from gpual.training import pad_collate, random_hflip
+    from gpual.loading import pad_collate
+    from gpual.training import random_hflip
 
     images = torch.arange(4 * 2 * 3 * 3, dtype=torch.uint8).reshape(4, 2, 3, 3)
     targets = images[..., 0].clone()

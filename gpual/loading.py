@@ -1,0 +1,117 @@
+"""Host-side batch loading shared by training, evaluation and acquisition.
+
+Images are decoded on the host in ``num_workers`` loader processes (torch's
+``DataLoader``), into pinned memory when the batches go to a CUDA device, so the copy to
+the device can overlap the previous batch's compute. A :class:`~gpual.errors.GpualError`
+raised in a loader process (a corrupt image, a size mismatch) reaches the caller as the
+same one-line error, not as torch's "Caught ... in DataLoader worker process" text with
+a traceback inside.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gpual.errors import GpualError
+from gpual.losses import IGNORE_INDEX
+
+_WORKER_PREFIX = "Caught GpualError in DataLoader worker process"
+_ORIGINAL_MARKER = "GpualError: "
+
+
+def host_batches(
+    dataset: Dataset,
+    device: torch.device,
+    num_workers: int,
+    batch_size: int | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterator[Any]:
+    """Iterate ``DataLoader(dataset, ...)``: host tensors, pinned when ``device`` is CUDA.
+
+    ``batch_size=None`` yields the dataset's items as they are (datasets whose items are
+    whole batches). ``num_workers=0`` decodes in this process (required inside daemonic
+    processes such as Dask workers, which cannot start children).
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    try:
+        yield from loader
+    except GpualError as exc:
+        raise worker_error(exc) from None
+
+
+def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (image, target) pairs, padding right/bottom to the largest: images with 0,
+    targets with 255 (ignored by every loss and metric). -> ((B, H, W, 3) uint8, (B, H, W) uint8)."""
+    h = max(img.shape[0] for img, _ in batch)
+    w = max(img.shape[1] for img, _ in batch)
+    images = torch.zeros(len(batch), h, w, 3, dtype=torch.uint8)
+    targets = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.uint8)
+    for i, (img, tgt) in enumerate(batch):
+        images[i, : img.shape[0], : img.shape[1]] = img
+        targets[i, : tgt.shape[0], : tgt.shape[1]] = tgt
+    return images, targets
+
+
+def worker_error(exc: GpualError) -> GpualError:
+    """The GpualError a loader process raised, from torch's re-raised copy of it.
+
+    torch re-raises a worker's exception as ``type(exc)(text)`` where ``text`` holds the
+    worker's traceback, whose last line is ``gpual.errors.GpualError: <message>``; the
+    exit code does not survive the trip (1, bad input, is what loaders raise).
+    """
+    text = str(exc.args[0]) if exc.args else ""
+    if not text.startswith(_WORKER_PREFIX) or _ORIGINAL_MARKER not in text:
+        return exc
+    return GpualError(text.rsplit(_ORIGINAL_MARKER, 1)[1].strip(), exc.exit_code)
+
+
+class StageClock:
+    """Seconds spent per named stage of a loop of device work, summed over iterations.
+
+    On CUDA each stage is bracketed by CUDA events, so timing adds no host
+    synchronisation per iteration (one at :meth:`seconds`) and measures device time; on
+    CPU, where work is synchronous, wall time between :meth:`mark` calls.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._totals: dict[str, float] = {}
+        self._events: list[tuple[str, Any, Any]] = []
+        self._last: Any = None
+
+    def start(self) -> None:
+        """Begin a stage sequence (call before the first stage of each iteration)."""
+        self._last = self._now()
+
+    def mark(self, stage: str) -> None:
+        """End ``stage`` (it began at the previous :meth:`start` or :meth:`mark`)."""
+        now = self._now()
+        if self.cuda:
+            self._events.append((stage, self._last, now))
+        else:
+            self._totals[stage] = self._totals.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def seconds(self) -> dict[str, float]:
+        """{stage: total seconds}; on CUDA waits for the recorded events once."""
+        totals = dict(self._totals)
+        if self._events:
+            self._events[-1][2].synchronize()
+            for stage, begin, end in self._events:
+                totals[stage] = totals.get(stage, 0.0) + begin.elapsed_time(end) / 1000.0
+        return totals
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
