@@ -120,6 +120,51 @@ def peak_rss_mb() -> float:
     return (own + children) / 1024
 
 
+class DeviceMemoryPeak:
+    """``with DeviceMemoryPeak(device) as m: ...`` then ``m.peak_mb``: the peak of the device's
+    used memory (``cudaMemGetInfo``: total - free) above its level at entry, in MiB.
+
+    Every allocator counts (torch's caching allocator, CuPy's pool, cuML's RMM), which
+    per-library peaks miss. A thread samples every ``interval`` seconds, so allocations
+    shorter than that can be missed; the level includes other processes on the GPU.
+    """
+
+    def __init__(self, device: Any, interval: float = 0.002) -> None:
+        self.device, self.interval = device, interval
+        self.peak_mb = 0.0
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def _used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def __enter__(self) -> "DeviceMemoryPeak":
+        import threading
+
+        base = self._used()
+        peak = [base]
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                peak[0] = max(peak[0], self._used())
+                self._stop.wait(self.interval)
+
+        self._base, self._peak = base, peak
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak[0] = max(self._peak[0], self._used())
+        self.peak_mb = (self._peak[0] - self._base) / 2**20
+
+
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds`` (wall time, perf_counter)."""
 

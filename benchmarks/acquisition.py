@@ -18,7 +18,9 @@ Two parts:
 
 Each stage is timed with device synchronisation around it, after a warm-up run, as the
 median of ``--repeats``; peak memory is host RSS and, on CUDA, the torch and CuPy
-allocators' peaks. Results: a table, JSON in benchmarks/results/, and a log-log PNG.
+allocators' peaks and the device-wide peak over all allocators (cuML's RMM included),
+sampled with ``cudaMemGetInfo``. ``--kmeans-init/--kmeans-max-iter/--kmeans-tol`` set the
+sweep's KMeans (the 4M-region round is KMeans-bound). Results: a table, JSON in benchmarks/results/, and a log-log PNG.
 
     python benchmarks/acquisition.py --sweep 10000,40000,160000 --device cpu
     python benchmarks/acquisition.py --workspace ws --round 0 --device both
@@ -27,6 +29,7 @@ allocators' peaks. Results: a table, JSON in benchmarks/results/, and a log-log 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -40,7 +43,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
+from _report import DeviceMemoryPeak, machine_info, peak_rss_mb, write_result  # noqa: E402
 
 from gpual.acquisition import _manifest  # noqa: E402
 from gpual.backend import Backend, get_backend  # noqa: E402
@@ -82,33 +85,44 @@ def synthetic_stats(n_regions: int, dim: int, n_classes: int, bank_per_class: in
 
 
 def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, budget: int, strategy: str,
-                   repeats: int) -> dict[str, Any]:
+                   repeats: int, kmeans_cfg: KMeansConfig | None = None) -> dict[str, Any]:
     """Median per-stage seconds of ``select_regions`` and the manifest over ``repeats`` runs after one warm-up."""
     candidates = torch.arange(len(stats.pixels), device=backend.device)
     n_images = -(-len(stats.pixels) // REGIONS_PER_IMAGE)
     offsets = np.arange(n_images, dtype=np.int64) * REGIONS_PER_IMAGE
     index = pd.DataFrame({"image": [f"image{i:07d}" for i in range(n_images)], "offset": offsets})
     runs: list[dict[str, float]] = []
+    device_peaks: list[float] = []
     for i in range(repeats + 1):
         if backend.is_cuda:
             torch.cuda.reset_peak_memory_stats(backend.device)
-        selection = select_regions(
-            strategy, backend, stats, candidates, budget, bank_vectors=bank, region_score="sum",
-            umap_cfg=UmapConfig(), kmeans_cfg=KMeansConfig(), seed=0, labeled_embedding=None,
-        )
-        backend.synchronize()
-        t0 = time.perf_counter()
-        # The manifest as `gpual select` builds it (image names joined from the index,
-        # local region ids), on a made-up pool of 432-region images, written as parquet.
-        frame = _manifest(backend, index, offsets, candidates, stats.pixels, selection, 1, strategy)
-        frame.to_parquet(f"/tmp/gpual-bench-{backend.name}.parquet", index=False)
-        backend.synchronize()
+            # Cached blocks would hide a run's allocations from the device-wide peak.
+            torch.cuda.empty_cache()
+            backend.xp.get_default_memory_pool().free_all_blocks()
+        with DeviceMemoryPeak(backend.device) if backend.is_cuda else nullcontext() as memory:
+            selection = select_regions(
+                strategy, backend, stats, candidates, budget, bank_vectors=bank, region_score="sum",
+                umap_cfg=UmapConfig(), kmeans_cfg=kmeans_cfg or KMeansConfig(), seed=0, labeled_embedding=None,
+            )
+            backend.synchronize()
+            t0 = time.perf_counter()
+            # The manifest as `gpual select` builds it (image names joined from the index,
+            # local region ids), on a made-up pool of 432-region images, written as parquet.
+            frame = _manifest(backend, index, offsets, candidates, stats.pixels, selection, 1, strategy)
+            frame.to_parquet(f"/tmp/gpual-bench-{backend.name}.parquet", index=False)
+            backend.synchronize()
         timings = dict(selection.timings)
         timings["manifest"] = time.perf_counter() - t0
         timings["total"] = sum(v for k, v in timings.items() if k in STAGES)
         if i > 0:  # run 0 is the warm-up (JIT compilation, allocator growth)
             runs.append(timings)
+            if memory is not None:
+                device_peaks.append(memory.peak_mb)
     out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    if device_peaks:
+        # Above the level before the round (torch and CuPy caches emptied first): the stats
+        # and bank already on the device are not counted.
+        out["peak_device_mb_all_allocators"] = max(device_peaks)
     out["peak_rss_mb"] = peak_rss_mb()
     if backend.is_cuda:
         out["peak_device_mb_torch"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
@@ -251,6 +265,9 @@ def main() -> None:
                         help="skip the CPU twin above this size (umap-learn's transform takes minutes beyond it)")
     parser.add_argument("--strategy", default="umap-kmeans-entropy")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kmeans-init", default="default", help="sweep: kmeans.init (default, k-means++, random)")
+    parser.add_argument("--kmeans-max-iter", type=int, default=KMeansConfig.max_iter, help="sweep: kmeans.max_iter")
+    parser.add_argument("--kmeans-tol", type=float, default=KMeansConfig.tol, help="sweep: kmeans.tol")
     parser.add_argument("--dask", help="comma-separated Dask worker counts (CPU workers or GPUs): the scaling benchmark")
     parser.add_argument("--dask-images", type=int, default=32, help="pool images of the synthetic workspace (no --workspace)")
     parser.add_argument("--dask-out", type=Path, default=Path("/tmp/gpual-bench-dask"), help="where the synthetic workspace goes")
@@ -271,10 +288,11 @@ def main() -> None:
         write_result("acquisition", payload)
         return
 
+    kmeans_cfg = KMeansConfig(init=args.kmeans_init, max_iter=args.kmeans_max_iter, tol=args.kmeans_tol)
     devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
     backends = {d: get_backend(d) for d in devices}
     payload: dict[str, Any] = {"backend": "-vs-".join(reversed(devices)), "machine": machine_info(), "strategy": args.strategy,
-                               "repeats": args.repeats,
+                               "repeats": args.repeats, "sweep_kmeans": dataclasses.asdict(kmeans_cfg),
                                "versions": {d: b.versions() for d, b in backends.items()}}
     if args.workspace:
         payload["pool"] = {d: pool_benchmark(args.workspace, args.round, b, args.repeats, args.strategy) for d, b in backends.items()}
@@ -284,7 +302,7 @@ def main() -> None:
             if d == "cpu" and n > args.cpu_max_regions:
                 continue
             stats, bank = synthetic_stats(n, 128, 11, 1000, b.device)
-            row = time_selection(b, stats, bank, max(1, n // 100), args.strategy, args.repeats)
+            row = time_selection(b, stats, bank, max(1, n // 100), args.strategy, args.repeats, kmeans_cfg)
             row.update(regions=n, budget=max(1, n // 100))
             sweep[d].append(row)
             print(f"{d:>4} {n:>9} regions: " + ", ".join(f"{k} {row[k]:.3f}s" for k in STAGES if k in row), flush=True)

@@ -22,7 +22,7 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
         points: ``xp`` (R, d) float array, R candidate regions (UMAP points or raw
             pooled embeddings).
         k: number of clusters = the round's budget in regions.
-        cfg: max_iter, n_init, random_state.
+        cfg: max_iter, n_init, random_state, tol, init ("default" leaves the library's own).
         fit_predict: ``fit_predict(points, kmeans_params) -> labels`` instead of the
             backend's estimator (the Dask scale-out,
             :meth:`gpual.distributed.DaskCluster.kmeans_fit_predict`).
@@ -48,7 +48,10 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
         raise GpualError(
             f"config kmeans.max_iter = {cfg.max_iter} and kmeans.n_init = {cfg.n_init} must be at least 1: fix them in gpual.toml"
         )
-    params = dict(n_clusters=k, max_iter=cfg.max_iter, n_init=cfg.n_init, random_state=cfg.random_state)
+    params: dict[str, Any] = dict(n_clusters=k, max_iter=cfg.max_iter, n_init=cfg.n_init, random_state=cfg.random_state,
+                                  tol=cfg.tol)
+    if cfg.init != "default":
+        params["init"] = cfg.init
     labels = fit_predict(x, params) if fit_predict is not None else backend.kmeans(**params).fit_predict(x)
     # scikit-learn gives int32 NumPy, cuML (output_type="cupy") int32 CuPy.
     return xp.asarray(labels).astype(xp.int64)

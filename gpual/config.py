@@ -31,6 +31,9 @@ STRATEGIES = (
 )
 ORACLES = ("pixel", "dominant")
 REGION_SCORES = ("sum", "mean")
+# "default": the library's own initialisation (cuML: scalable k-means++, i.e. k-means||;
+# scikit-learn: greedy k-means++); "random" draws k points, the cheapest for large k.
+KMEANS_INITS = ("default", "k-means++", "random")
 
 
 @dataclass
@@ -135,6 +138,8 @@ class KMeansConfig:
     max_iter: int = 300
     n_init: int = 1
     random_state: int = 0
+    init: str = "default"  # one of KMEANS_INITS
+    tol: float = 1e-4  # stop when the centroids move less than this (relative; both libraries' default)
 
 
 @dataclass
@@ -161,6 +166,7 @@ class Config:
         _choice("acquisition.strategy", self.acquisition.strategy, STRATEGIES)
         _choice("acquisition.oracle", self.acquisition.oracle, ORACLES)
         _choice("acquisition.region_score", self.acquisition.region_score, REGION_SCORES)
+        _choice("kmeans.init", self.kmeans.init, KMEANS_INITS)
         positives = {
             "data.scale": self.data.scale,
             "superpixels.region_pixels": self.superpixels.region_pixels,
@@ -185,6 +191,8 @@ class Config:
         for key, (value, low) in at_least.items():
             if value < low:
                 raise GpualError(f"config {key} = {value} must be at least {low}: fix it in gpual.toml")
+        if self.kmeans.tol < 0:
+            raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml")
         if not 0.0 <= self.train.ema_decay <= 1.0:
             raise GpualError("config train.ema_decay must lie in [0, 1]: fix it in gpual.toml")
         return self

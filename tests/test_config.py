@@ -50,6 +50,8 @@ def test_partial_file_takes_defaults(tmp_path) -> None:
         ("[acquisition]\nbudget = 0\n", "must be positive"),
         ("[umap]\nn_neighbors = 1\n", "umap.n_neighbors = 1 must be at least 2"),
         ("[kmeans]\nn_init = 0\n", "kmeans.n_init = 0 must be at least 1"),
+        ("[kmeans]\ninit = 'grid'\n", "kmeans.init = 'grid' is not one of default, k-means"),
+        ("[kmeans]\ntol = -1.0\n", "kmeans.tol = -1.0 must not be negative"),
         ("[train\n", "not valid TOML"),
     ],
 )

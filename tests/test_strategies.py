@@ -203,6 +203,16 @@ def test_kmeans_labels_range_and_budget_check() -> None:
         kmeans_labels(cpu_backend(), points, 31, KMeansConfig())
 
 
+@pytest.mark.parametrize("init", ["random", "k-means++"])
+def test_kmeans_init_and_tol_reach_the_estimator(init: str) -> None:
+    from sklearn.cluster import KMeans
+
+    points = np.random.default_rng(1).normal(size=(200, 2)).astype(np.float32)
+    cfg = KMeansConfig(init=init, tol=1e-2, max_iter=50, random_state=3)
+    expected = KMeans(n_clusters=7, init=init, tol=1e-2, max_iter=50, n_init=1, random_state=3).fit_predict(points)
+    np.testing.assert_array_equal(kmeans_labels(cpu_backend(), points, 7, cfg), expected)
+
+
 def test_errors(pool: Pool) -> None:
     with pytest.raises(GpualError, match="unknown strategy 'best'") as err:
         pool.select("best")
