@@ -20,7 +20,8 @@ Each stage is timed with device synchronisation around it, after a warm-up run, 
 median of ``--repeats``; peak memory is host RSS and, on CUDA, the torch and CuPy
 allocators' peaks and the device-wide peak over all allocators (cuML's RMM included),
 sampled with ``cudaMemGetInfo``. ``--kmeans-init/--kmeans-max-iter/--kmeans-tol`` set the
-sweep's KMeans (the 4M-region round is KMeans-bound). Results: a table, JSON in benchmarks/results/, and a log-log PNG.
+sweep's KMeans (the 4M-region round is KMeans-bound). Results: a table, JSON in
+benchmarks/results/, and a log-log PNG.
 
     python benchmarks/acquisition.py --sweep 10000,40000,160000 --device cpu
     python benchmarks/acquisition.py --workspace ws --round 0 --device both
