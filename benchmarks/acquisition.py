@@ -92,43 +92,40 @@ def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, bud
     n_images = -(-len(stats.pixels) // REGIONS_PER_IMAGE)
     offsets = np.arange(n_images, dtype=np.int64) * REGIONS_PER_IMAGE
     index = pd.DataFrame({"image": [f"image{i:07d}" for i in range(n_images)], "offset": offsets})
-    runs: list[dict[str, float]] = []
-    device_peaks: list[float] = []
-    for i in range(repeats + 1):
-        if backend.is_cuda:
-            torch.cuda.reset_peak_memory_stats(backend.device)
-            # Cached blocks would hide a run's allocations from the device-wide peak.
-            torch.cuda.empty_cache()
-            backend.xp.get_default_memory_pool().free_all_blocks()
-        with DeviceMemoryPeak(backend.device) if backend.is_cuda else nullcontext() as memory:
-            selection = select_regions(
-                strategy, backend, stats, candidates, budget, bank_vectors=bank, region_score="sum",
-                umap_cfg=UmapConfig(), kmeans_cfg=kmeans_cfg or KMeansConfig(), seed=0, labeled_embedding=None,
-            )
-            backend.synchronize()
-            t0 = time.perf_counter()
-            # The manifest as `gpual select` builds it (image names joined from the index,
-            # local region ids), on a made-up pool of 432-region images, written as parquet.
-            frame = _manifest(backend, index, offsets, candidates, stats.pixels, selection, 1, strategy)
-            frame.to_parquet(f"/tmp/gpual-bench-{backend.name}.parquet", index=False)
-            backend.synchronize()
+
+    def one_run() -> dict[str, float]:
+        selection = select_regions(
+            strategy, backend, stats, candidates, budget, bank_vectors=bank, region_score="sum",
+            umap_cfg=UmapConfig(), kmeans_cfg=kmeans_cfg or KMeansConfig(), seed=0, labeled_embedding=None,
+        )
+        backend.synchronize()
+        t0 = time.perf_counter()
+        # The manifest as `gpual select` builds it (image names joined from the index,
+        # local region ids), on a made-up pool of 432-region images, written as parquet.
+        frame = _manifest(backend, index, offsets, candidates, stats.pixels, selection, 1, strategy)
+        frame.to_parquet(f"/tmp/gpual-bench-{backend.name}.parquet", index=False)
+        backend.synchronize()
         timings = dict(selection.timings)
         timings["manifest"] = time.perf_counter() - t0
         timings["total"] = sum(v for k, v in timings.items() if k in STAGES)
-        if i > 0:  # run 0 is the warm-up (JIT compilation, allocator growth)
-            runs.append(timings)
-            if memory is not None:
-                device_peaks.append(memory.peak_mb)
+        return timings
+
+    if backend.is_cuda:
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    runs = [one_run() for _ in range(repeats + 1)][1:]  # run 0 is the warm-up (JIT compilation, allocator growth)
     out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    if device_peaks:
-        # Above the level before the round (torch and CuPy caches emptied first): the stats
-        # and bank already on the device are not counted.
-        out["peak_device_mb_all_allocators"] = max(device_peaks)
-    out["peak_rss_mb"] = peak_rss_mb()
     if backend.is_cuda:
         out["peak_device_mb_torch"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
-        pool = backend.xp.get_default_memory_pool()
-        out["device_pool_mb_cupy"] = pool.total_bytes() / 2**20
+        out["device_pool_mb_cupy"] = backend.xp.get_default_memory_pool().total_bytes() / 2**20
+        # One more, untimed run for the device-wide peak over every allocator (cuML's RMM
+        # included), with torch's and CuPy's cached blocks released first so that its
+        # allocations show; the level before the run (stats, bank) is not counted.
+        torch.cuda.empty_cache()
+        backend.xp.get_default_memory_pool().free_all_blocks()
+        with DeviceMemoryPeak(backend.device) as memory:
+            one_run()
+        out["peak_device_mb_all_allocators"] = memory.peak_mb
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -147,7 +144,7 @@ def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, st
         if i > 0:
             forwards.append(timings)
     budget = max(1, n_regions // 100)
-    result = time_selection(backend, stats, bank, budget, strategy, repeats)
+    result = time_selection(backend, stats, bank, budget, strategy, repeats, ws.config.kmeans)
     result["forward"] = statistics.median(t["forward"] for t in forwards)
     result["pooling"] = statistics.median(t["pooling"] for t in forwards)
     result.update(images=len(index), regions=n_regions, budget=budget)

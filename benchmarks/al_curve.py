@@ -13,6 +13,7 @@ the mean and spread (min..max) over seeds.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -40,11 +41,24 @@ def workspace_for(out: Path, name: str, base: Workspace, overrides: dict[str, An
     return ws
 
 
-def share_round_zero(source: Workspace, target: Workspace) -> None:
-    """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``."""
+def share_round_zero(source: Workspace, target: Workspace) -> bool:
+    """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``.
+
+    Only where the two configs are equal but for the strategy (round 0 is random and does
+    not read it) and ``target`` has no round 0 yet. The copy goes to a temporary folder
+    renamed into place, so an interrupted copy leaves no half round. Returns whether it copied.
+    """
     if target.round_dir(0).exists() or not source.round_state(0).evaluated:
-        return
-    shutil.copytree(source.round_dir(0), target.round_dir(0), ignore=shutil.ignore_patterns("train_state.pt"))
+        return False
+    ours, theirs = source.config.to_dict(), target.config.to_dict()
+    ours["acquisition"]["strategy"] = theirs["acquisition"]["strategy"]
+    if ours != theirs:
+        return False
+    tmp = target.round_dir(0).with_name(".000.copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source.round_dir(0), tmp, ignore=shutil.ignore_patterns("train_state.pt"))
+    os.replace(tmp, target.round_dir(0))
+    return True
 
 
 def full_reference(base: Workspace, device: Any, split: str) -> float:

@@ -139,7 +139,9 @@ class KMeansConfig:
     n_init: int = 1
     random_state: int = 0
     init: str = "default"  # one of KMEANS_INITS
-    tol: float = 1e-4  # stop when the centroids move less than this (relative; both libraries' default)
+    # Convergence tolerance as each library defines it (scikit-learn: centre movement
+    # relative to the data's variance; cuML: relative change of the inertia); 1e-4 is both defaults.
+    tol: float = 1e-4
 
 
 @dataclass

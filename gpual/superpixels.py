@@ -521,6 +521,11 @@ def read_region_pixels(ws: Workspace, index: pd.DataFrame) -> np.ndarray:
     n_regions = int(index["n_regions"].sum())
     if len(pixels) != n_regions:
         raise GpualError(f"{ws.superpixel_dir / REGIONS_NAME} has {len(pixels)} regions but the index counts {n_regions}: {rerun}")
+    # Each image's regions must cover its pixels (every image has at least one region): a
+    # table left from another build with the same region total fails here.
+    per_image = np.add.reduceat(pixels, index["offset"].to_numpy(np.int64)) if n_regions else np.zeros(0, np.int64)
+    if not np.array_equal(per_image, index["pixels"].to_numpy(np.int64)):
+        raise GpualError(f"{ws.superpixel_dir / REGIONS_NAME} does not match the index's image sizes: {rerun}")
     return pixels
 
 

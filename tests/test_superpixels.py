@@ -206,6 +206,15 @@ def test_missing_region_table_says_what_to_run_and_a_warm_rebuild_restores_it(tm
     assert build_cache(ws).computed == 0
     assert _npz_mtimes(ws) == before
     np.testing.assert_array_equal(read_region_pixels(ws, index), expected)
+    # A table from another build with the same region total is refused, not misread.
+    import pandas as pd
+
+    moved = expected.copy()  # one pixel moved from image 0's first region to image 1's
+    moved[0] -= 1
+    moved[int(index["offset"].iloc[1])] += 1
+    pd.DataFrame({"pixels": moved.astype(np.int32)}).to_parquet(ws.superpixel_dir / "regions.parquet")
+    with pytest.raises(GpualError, match="does not match the index's image sizes"):
+        read_region_pixels(ws, index)
 
 
 def test_second_build_recomputes_nothing(tmp_path) -> None:
