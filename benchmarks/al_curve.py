@@ -150,7 +150,9 @@ def main() -> None:
     first_of_seed: dict[int, Workspace] = {}
     for strategy in args.strategies.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            overrides = {**common, "acquisition": {**acquisition, "strategy": strategy, "seed": seed}, "train": {"seed": seed}}
+            # A seed moves every random draw: round 0, training, UMAP and KMeans.
+            overrides = {**common, "acquisition": {**acquisition, "strategy": strategy, "seed": seed}, "train": {"seed": seed},
+                         "umap": {"random_state": seed}, "kmeans": {"random_state": seed}}
             ws = workspace_for(args.out, f"{strategy}-seed{seed}", base, overrides, args.preset)
             if seed in first_of_seed:
                 share_round_zero(first_of_seed[seed], ws)
