@@ -1,0 +1,57 @@
+"""Helpers of the benchmark scripts that decide what a result means: the source commit
+recorded with it, and the round 0 that al_curve shares between strategies."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpual import atomic
+from gpual.config import make_config
+from gpual.workspace import Workspace
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_machine_info_records_the_source_commit() -> None:
+    report = _load("_report")
+    head = subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert report.machine_info()["gpual_commit"].split("-")[0] == head.stdout.strip()
+
+
+def _finished_round_zero(root: Path, strategy: str, **acquisition) -> Workspace:
+    ws = Workspace.create(root, make_config("demo", {"acquisition": {"strategy": strategy, **acquisition}}))
+    ws.round_dir(0).mkdir(parents=True)
+    (ws.round_dir(0) / "checkpoint.pt").write_bytes(b"weights")
+    (ws.round_dir(0) / "train_state.pt").write_bytes(b"resume state")
+    atomic.write_json(ws.metrics_path(0), {"evaluation": {"miou": 0.25}})
+    return ws
+
+
+def test_share_round_zero_copies_only_between_equal_configs(tmp_path: Path) -> None:
+    al_curve = _load("al_curve")
+    source = _finished_round_zero(tmp_path / "a", "umap-kmeans-entropy")
+    same = Workspace.create(tmp_path / "b", make_config("demo", {"acquisition": {"strategy": "random"}}))
+    other = Workspace.create(tmp_path / "c", make_config("demo", {"acquisition": {"strategy": "random", "init_budget": 7}}))
+
+    assert al_curve.share_round_zero(source, same)
+    assert (same.round_dir(0) / "checkpoint.pt").read_bytes() == b"weights"
+    assert not (same.round_dir(0) / "train_state.pt").exists()
+    assert same.read_metrics(0)["evaluation"]["miou"] == 0.25
+    assert not list(same.rounds_dir.glob(".*"))  # no temporary folder left
+    assert not al_curve.share_round_zero(source, same)  # already there
+    assert not al_curve.share_round_zero(source, other)  # another round-0 budget
+    assert not other.round_dir(0).exists()
