@@ -44,6 +44,7 @@ class AcquisitionResult:
     candidates: int
     manifest: pd.DataFrame  # host copy of rounds/NNN/query.parquet
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # adjustments the strategy made (UMAP), one line each
 
 
 def parse_budget_pixels(text: str) -> float:
@@ -174,12 +175,13 @@ def acquire(
             "backend": backend.name,
             **({"dask": cluster.description} if cluster is not None else {}),
             "timings_s": timings,
+            **({"notes": selection.notes} if selection.notes else {}),
         },
     )
     _discard_later_steps(ws, round)
     # The query file is the step's commit marker: written last, atomically.
     ws.write_query(round, manifest)
-    return AcquisitionResult(round, strategy, budget, int(candidate_mask.sum()), host, timings)
+    return AcquisitionResult(round, strategy, budget, int(candidate_mask.sum()), host, timings, list(selection.notes))
 
 
 def _discard_later_steps(ws: Workspace, round: int) -> None:

@@ -18,6 +18,10 @@ from gpual.errors import GpualError
 
 log = logging.getLogger(__name__)
 
+SPECTRAL_FAILED = "Spectral initialisation failed"
+SPECTRAL_NOTE = ("UMAP's spectral initialisation failed on the memory bank (well separated class clusters); "
+                 "umap-learn used a random initial layout instead")
+
 # UMAP's neighbour graph needs n_neighbors >= 2, hence at least 3 bank vectors.
 MIN_BANK_VECTORS = 3
 
@@ -96,7 +100,8 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         random_state=cfg.random_state,
     )
     timings: dict[str, float] = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         # umap-learn says that a fixed random_state disables its parallelism: expected,
         # it is the price of reproducible selections.
         warnings.filterwarnings("ignore", message=".*n_jobs value .* overridden.*")
@@ -108,6 +113,15 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         points = transform(reducer, regions) if transform is not None else reducer.transform(regions)
         backend.synchronize()
         t2 = time.perf_counter()
+    for w in caught:
+        if SPECTRAL_FAILED in str(w.message):
+            # umap-learn's multi-line warning, once per attempt: the bank's class clusters
+            # are disconnected (an eigengap too small); it falls back to a random layout.
+            if SPECTRAL_NOTE not in notes:
+                notes.append(SPECTRAL_NOTE)
+                log.warning(SPECTRAL_NOTE)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     timings["umap_fit"] = t1 - t0
     timings["umap_transform"] = t2 - t1
     # cuML (output_type="cupy") returns CuPy and umap-learn NumPy: both are ``xp`` already;

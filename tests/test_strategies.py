@@ -181,6 +181,24 @@ def test_random_is_seeded_and_distinct(pool: Pool) -> None:
     assert sorted(everything.indices.tolist()) == list(range(len(pool.candidates)))
 
 
+def test_umap_spectral_fallback_is_one_note_and_other_warnings_pass(pool: Pool) -> None:
+    import warnings
+
+    from gpual.embedding import SPECTRAL_NOTE
+
+    def transform(reducer, regions):
+        # umap-learn's own message (raised in its layout code), twice, and an unrelated warning.
+        for _ in range(2):
+            warnings.warn("Spectral initialisation failed! The eigenvector solver\nfailed.", UserWarning)
+        warnings.warn("something else", RuntimeWarning)
+        return reducer.transform(regions)
+
+    with pytest.warns(RuntimeWarning, match="something else") as record:
+        out = umap_embed(cpu_backend(), pool.bank.numpy(), pool.stats.embedding[:20].numpy(), UmapConfig(), transform=transform)
+    assert out.notes == [SPECTRAL_NOTE]
+    assert not [w for w in record if "Spectral" in str(w.message)]
+
+
 def test_umap_embed_output_and_small_bank_clamp(pool: Pool) -> None:
     backend = cpu_backend()
     regions = pool.stats.embedding[:20].numpy()
