@@ -147,6 +147,7 @@ def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, st
     result = time_selection(backend, stats, bank, budget, strategy, repeats, ws.config.kmeans)
     result["forward"] = statistics.median(t["forward"] for t in forwards)
     result["pooling"] = statistics.median(t["pooling"] for t in forwards)
+    result["loader_wait"] = statistics.median(t["loader_wait"] for t in forwards)
     result.update(images=len(index), regions=n_regions, budget=budget)
     return result
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from gpual.backend import Backend
 from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
-from gpual.loading import StageClock, host_batches
+from gpual.loading import StageClock, Waited, host_batches
 from gpual.seeding import MC_DROPOUT, SELECT, derive_seed
 from gpual.strategies import STRATEGY_NAMES, select_regions
 from gpual.superpixels import load_superpixels, read_index, read_region_pixels
@@ -287,9 +287,11 @@ def pool_images(
     single-process run forms, so a shard's statistics equal the single-process ones bit
     for bit on CPU at the same torch thread count (a convolution's float sums depend on
     it; Dask workers run one thread). Returns (RegionStats of the slice's regions, global ids
-    ``offset[0] ..``, on ``device``; {"forward", "pooling"} seconds). The teacher is in
-    eval mode on ``device``; BALD's Monte-Carlo dropout draws are seeded per global batch
-    (config seed, round, batch number), so they too do not depend on the sharding.
+    ``offset[0] ..``, on ``device``; {"forward", "pooling", "loader_wait"} seconds: the
+    first two device time on CUDA, the last the host's wait for decoded batches). The
+    teacher is in eval mode on ``device``; BALD's Monte-Carlo dropout draws are seeded
+    per global batch (config seed, round, batch number), so they too do not depend on the
+    sharding.
 
     Batches are decoded in ``loader_workers`` processes (default ``train.num_workers``;
     0 inside daemonic processes such as Dask workers) into pinned memory on CUDA; stage
@@ -313,7 +315,7 @@ def pool_images(
     clock = StageClock(device)
     workers = ws.config.train.num_workers if loader_workers is None else loader_workers
     done = 0
-    batches = host_batches(PoolBatches(ws, local, batch_size), device, workers)
+    batches = Waited(host_batches(PoolBatches(ws, local, batch_size), device, workers))
     for batch, (images, regions) in enumerate(batches, start=first_batch):
         images, regions = images.to(device, non_blocking=True), regions.to(device, non_blocking=True)
         clock.start()
@@ -331,7 +333,8 @@ def pool_images(
         if progress:
             progress(done, len(index))
     seconds = clock.seconds()
-    return pooler.result(), {"forward": seconds.get("forward", 0.0), "pooling": seconds.get("pooling", 0.0)}
+    return pooler.result(), {"forward": seconds.get("forward", 0.0), "pooling": seconds.get("pooling", 0.0),
+                             "loader_wait": batches.seconds}
 
 
 def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp: bool, seed: int) -> torch.Tensor:

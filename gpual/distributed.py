@@ -176,6 +176,7 @@ class DaskCluster:
         timings = {
             "forward": max(r["timings"]["forward"] for r in results),
             "pooling": max(r["timings"]["pooling"] for r in results),
+            "loader_wait": max(r["timings"]["loader_wait"] for r in results),
             "pool_wall": time.perf_counter() - t0,
         }
         return stats, bank_vectors, timings
@@ -301,7 +302,7 @@ def pool_shard(root: str, config: Any, round: int, device_type: str, shard: pd.D
 
     Returns:
         {"stats": {field: host NumPy array of the shard's regions, or None}, "timings":
-        {"forward", "pooling"} seconds}.
+        {"forward", "pooling", "loader_wait"} seconds}.
     """
     from gpual.acquisition import pool_images
     from gpual.training import load_checkpoint

@@ -10,8 +10,8 @@ a traceback inside.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -70,6 +70,31 @@ def worker_error(exc: GpualError) -> GpualError:
     if not text.startswith(_WORKER_PREFIX) or _ORIGINAL_MARKER not in text:
         return exc
     return GpualError(text.rsplit(_ORIGINAL_MARKER, 1)[1].strip(), exc.exit_code)
+
+
+T = TypeVar("T")
+
+
+class Waited(Generic[T]):
+    """Iterates ``iterable`` and adds up, in ``seconds``, the wall time spent waiting for its
+    items (a data loader's share of a loop: decoding in this process, or waiting for the
+    loader processes when they fall behind)."""
+
+    def __init__(self, iterable: Iterable[T]) -> None:
+        self.iterable = iterable
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[T]:
+        it = iter(self.iterable)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.seconds += time.perf_counter() - t0
+                return
+            self.seconds += time.perf_counter() - t0
+            yield item
 
 
 class StageClock:

@@ -111,7 +111,7 @@ def test_distributed_pooling_equals_single_process(ws: Workspace, cluster, strat
             continue
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert (got.pixels > 0).all() and int(got.pixels.sum()) == int(index["pixels"].sum())
-    assert {"forward", "pooling", "pool_wall"} <= set(timings)
+    assert {"forward", "pooling", "loader_wait", "pool_wall"} <= set(timings)
 
 
 def test_pooling_with_loader_processes_equals_in_process_decoding(ws: Workspace) -> None:
@@ -127,7 +127,7 @@ def test_pooling_with_loader_processes_equals_in_process_decoding(ws: Workspace)
                                loader_workers=2)
     for name in FIELDS[:-2] + ("pixels",):
         assert torch.equal(getattr(ref, name), getattr(got, name)), name
-    assert seen == [2, 4, 6] and set(timings) == {"forward", "pooling"} and min(timings.values()) > 0
+    assert seen == [2, 4, 6] and set(timings) == {"forward", "pooling", "loader_wait"} and min(timings.values()) > 0
 
 
 @pytest.mark.filterwarnings("ignore:n_jobs value")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gpual.errors import GpualError
-from gpual.loading import StageClock, host_batches, worker_error
+from gpual.loading import StageClock, Waited, host_batches, worker_error
 
 MESSAGE = "image /data/x.png is unreadable (truncated file): restore it or remove it from the pool"
 
@@ -44,6 +44,21 @@ def test_items_come_in_order_with_batch_size_none() -> None:
 def test_worker_error_leaves_other_errors_alone() -> None:
     plain = GpualError("budget too large: lower --budget", 2)
     assert worker_error(plain) is plain
+
+
+def test_waited_adds_up_the_wait_for_each_item() -> None:
+    def slow():
+        for i in range(3):
+            time.sleep(0.02)
+            yield i
+
+    waited = Waited(slow())
+    seen = []
+    for i in waited:
+        seen.append(i)
+        time.sleep(0.05)  # the loop's own work is not counted
+    assert seen == [0, 1, 2]
+    assert 0.06 <= waited.seconds < 0.15
 
 
 def test_stage_clock_sums_each_stage_on_cpu() -> None:
