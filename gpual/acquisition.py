@@ -226,16 +226,20 @@ def _random_stats(region_pixels: np.ndarray, device: torch.device) -> Any:
 
 
 class PoolBatches(Dataset):
-    """Batch ``k`` of the pool, as one item: (images (B,H,W,3) uint8, region ids (B,H,W) int64
+    """Batch ``k`` of the pool, as one item: (images (B,H,W,3) uint8, region ids (B,H,W) int32
     global; -1 = padding), host tensors.
 
     Images of different sizes in one batch are padded to the largest; padded pixels carry
     region id -1 and are ignored by pooling. Batches are formed from consecutive rows of
-    ``index`` (which may be a slice of the superpixel index: a Dask shard).
+    ``index`` (which may be a slice of the superpixel index: a Dask shard). Ids travel as
+    int32 (half the shared memory and host-to-device copy of int64) and are widened on
+    the device.
     """
 
     def __init__(self, ws: Workspace, index: pd.DataFrame, batch_size: int) -> None:
         self.ws, self.index, self.batch_size = ws, index, batch_size
+        if len(index) and int(index["offset"].iloc[-1] + index["n_regions"].iloc[-1]) > np.iinfo(np.int32).max:
+            raise GpualError(f"{ws.root}'s pool has more than {np.iinfo(np.int32).max} regions: split it into several workspaces")
 
     def __len__(self) -> int:
         return (len(self.index) + self.batch_size - 1) // self.batch_size
@@ -245,7 +249,7 @@ class PoolBatches(Dataset):
         rows = self.index.iloc[k * self.batch_size : (k + 1) * self.batch_size]
         h, w = int(rows["height"].max()), int(rows["width"].max())
         images = np.zeros((len(rows), h, w, 3), dtype=np.uint8)
-        regions = np.full((len(rows), h, w), -1, dtype=np.int64)
+        regions = np.full((len(rows), h, w), -1, dtype=np.int32)
         for i, row in enumerate(rows.itertuples()):
             image = read_image(row.path, scale)
             sp = load_superpixels(ws, row.image, self.index)
@@ -255,7 +259,7 @@ class PoolBatches(Dataset):
                     f"the image changed; run `gpual superpixels {ws.root}`"
                 )
             images[i, : image.shape[0], : image.shape[1]] = image
-            regions[i, : sp.shape[0], : sp.shape[1]] = sp.astype(np.int64) + int(row.offset)
+            regions[i, : sp.shape[0], : sp.shape[1]] = sp.astype(np.int32) + np.int32(row.offset)
         return torch.from_numpy(images), torch.from_numpy(regions)
 
 
@@ -317,7 +321,7 @@ def pool_images(
     done = 0
     batches = Waited(host_batches(PoolBatches(ws, local, batch_size), device, workers))
     for batch, (images, regions) in enumerate(batches, start=first_batch):
-        images, regions = images.to(device, non_blocking=True), regions.to(device, non_blocking=True)
+        images, regions = images.to(device, non_blocking=True), regions.to(device, non_blocking=True).long()
         clock.start()
         x = normalize(images)
         with torch.autocast(device.type, enabled=amp):
