@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gpual.backend import Backend
-from gpual.datasets import open_dataset, read_image
+from gpual.datasets import read_image
 from gpual.errors import GpualError
 from gpual.loading import StageClock, Waited, host_batches
 from gpual.seeding import MC_DROPOUT, SELECT, derive_seed

@@ -19,7 +19,7 @@ from gpual.errors import GpualError
 log = logging.getLogger(__name__)
 
 SPECTRAL_FAILED = "Spectral initialisation failed"
-SPECTRAL_NOTE = ("UMAP's spectral initialisation failed on the memory bank (well separated class clusters); "
+SPECTRAL_NOTE = ("UMAP's spectral initialisation did not converge on the memory bank's neighbour graph; "
                  "umap-learn used a random initial layout instead")
 
 # UMAP's neighbour graph needs n_neighbors >= 2, hence at least 3 bank vectors.
@@ -115,8 +115,8 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         t2 = time.perf_counter()
     for w in caught:
         if SPECTRAL_FAILED in str(w.message):
-            # umap-learn's multi-line warning, once per attempt: the bank's class clusters
-            # are disconnected (an eigengap too small); it falls back to a random layout.
+            # umap-learn's multi-line warning, once per attempt: its eigensolver found too
+            # small an eigengap in the bank's graph; it falls back to a random layout.
             if SPECTRAL_NOTE not in notes:
                 notes.append(SPECTRAL_NOTE)
                 log.warning(SPECTRAL_NOTE)
