@@ -5,10 +5,17 @@ against the full-supervision reference trained with the same network and schedul
         --preset cpu-small --strategies umap-kmeans-entropy,entropy,random --seeds 0,1 --rounds 4
     python benchmarks/al_curve.py --synthetic --preset demo --rounds 3     # no dataset needed
 
+    python benchmarks/al_curve.py ... --strategies umap-kmeans-entropy --set acquisition.region_score=mean
+
 Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
-once and copied). Round 0 is random, seeded, and does not depend on the strategy, so it
-runs once per seed and is copied into that seed's other workspaces. Writes JSON + a markdown table in benchmarks/results/ and a PNG with
-the mean and spread (min..max) over seeds.
+once and copied); ``--set`` values name the workspaces and the curves, so variants live
+side by side. Round 0 is random, seeded, and reads neither the strategy nor the region
+score, so it runs once per seed and is copied into any other workspace under ``--out``
+that may share it. The full-supervision reference is trained once per ``--out`` and
+reused by every run whose settings differ only in what it does not read (acquisition,
+UMAP, KMeans); a workspace made with other settings is refused, never silently reused.
+Writes JSON + a markdown table in benchmarks/results/ and a PNG with the mean and
+spread (min..max) over seeds.
 """
 from __future__ import annotations
 
@@ -26,32 +33,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_info, write_result  # noqa: E402
 
 from gpual.backend import get_backend  # noqa: E402
-from gpual.config import make_config  # noqa: E402
+from gpual.config import Config, make_config, merge_tables, parse_settings  # noqa: E402
+from gpual.errors import GpualError  # noqa: E402
 from gpual.loop import LoopOptions, run_loop  # noqa: E402
 from gpual.workspace import Workspace  # noqa: E402
 
 
-def workspace_for(out: Path, name: str, base: Workspace, overrides: dict[str, Any], preset: str) -> Workspace:
+# Config sections the full-supervision reference never reads: runs that differ only
+# there share one base workspace (its superpixels and its reference).
+RUN_ONLY_SECTIONS = ("acquisition", "umap", "kmeans")
+# Keys round 0 (a seeded uniform draw, then training) does not read.
+ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score"))
+
+
+def _differences(have: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (sections in ``skip`` left out)."""
+    out = []
+    for section in sorted(set(have) | set(want)):
+        if section in skip:
+            continue
+        a, b = have.get(section, {}), want.get(section, {})
+        out += [f"{section}.{key}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return out
+
+
+def open_or_create(root: Path, config: Config, skip: tuple[str, ...] = ()) -> Workspace:
+    """The workspace at ``root``, created with ``config`` if absent.
+
+    An existing one must have been made with the same config (sections in ``skip`` aside):
+    a run never silently continues under other settings.
+    """
+    if not (root / "gpual.toml").exists():
+        return Workspace.create(root, config)
+    ws = Workspace.open(root)
+    differ = _differences(ws.config.to_dict(), config.to_dict(), skip)
+    if differ:
+        raise GpualError(f"{root} was made with other settings ({', '.join(differ[:4])}): give another --out or remove it")
+    return ws
+
+
+def workspace_for(out: Path, name: str, base: Workspace, config: Config) -> Workspace:
     """A workspace for one run, sharing the base workspace's superpixel cache (copied)."""
-    root = out / name
-    if (root / "gpual.toml").exists():
-        return Workspace.open(root)
-    ws = Workspace.create(root, make_config(preset, overrides))
-    shutil.copytree(base.superpixel_dir, ws.superpixel_dir, dirs_exist_ok=True)
+    fresh = not (out / name / "gpual.toml").exists()
+    ws = open_or_create(out / name, config)
+    if fresh:
+        shutil.copytree(base.superpixel_dir, ws.superpixel_dir, dirs_exist_ok=True)
     return ws
 
 
 def share_round_zero(source: Workspace, target: Workspace) -> bool:
     """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``.
 
-    Only where the two configs are equal but for the strategy (round 0 is random and does
-    not read it) and ``target`` has no round 0 yet. The copy goes to a temporary folder
+    Only where the two configs are equal but for keys round 0 does not read (the strategy,
+    the region score) and ``target`` has no round 0 yet. The copy goes to a temporary folder
     renamed into place, so an interrupted copy leaves no half round. Returns whether it copied.
     """
     if target.round_dir(0).exists() or not source.round_state(0).evaluated:
         return False
     ours, theirs = source.config.to_dict(), target.config.to_dict()
-    ours["acquisition"]["strategy"] = theirs["acquisition"]["strategy"]
+    for section, key in ROUND_ZERO_IGNORES:
+        ours[section][key] = theirs[section][key]
     if ours != theirs:
         return False
     tmp = target.round_dir(0).with_name(".000.copy")
@@ -59,6 +100,14 @@ def share_round_zero(source: Workspace, target: Workspace) -> bool:
     shutil.copytree(source.round_dir(0), tmp, ignore=shutil.ignore_patterns("train_state.pt"))
     os.replace(tmp, target.round_dir(0))
     return True
+
+
+def share_round_zero_from_any(out: Path, target: Workspace) -> Workspace | None:
+    """Give ``target`` a round 0 from any finished workspace under ``out`` it may share one with."""
+    for root in sorted(p.parent for p in out.glob("*/gpual.toml")):
+        if root.resolve() != target.root.resolve() and share_round_zero(Workspace.open(root), target):
+            return Workspace.open(root)
+    return None
 
 
 def full_reference(base: Workspace, device: Any, split: str) -> float:
@@ -118,8 +167,18 @@ def main() -> None:
     parser.add_argument("--init-budget", type=int, help="round-0 regions (default: the preset's)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="config value for every run, e.g. acquisition.region_score=mean (repeatable); "
+                             "names the runs and their curves")
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpual-al-curve"))
     args = parser.parse_args()
+    try:
+        run(args, parser)
+    except GpualError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -136,32 +195,36 @@ def main() -> None:
         acquisition["budget"] = args.budget
     if args.init_budget:
         acquisition["init_budget"] = args.init_budget
-    common = {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition}
+    settings = parse_settings(args.settings)
+    common = merge_tables(settings, {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition})
+    variant = ",".join(args.settings)
     backend = get_backend(args.device)
 
     from gpual.superpixels import build_cache
 
-    base_root = args.out / "base"
-    base = Workspace.open(base_root) if (base_root / "gpual.toml").exists() else Workspace.create(base_root, make_config(args.preset, common))
+    reference = {k: v for k, v in common.items() if k not in RUN_ONLY_SECTIONS}
+    base = open_or_create(args.out / "base", make_config(args.preset, reference), skip=RUN_ONLY_SECTIONS)
     build_cache(base)
     full = full_reference(base, backend.device, args.split)
 
     curves: dict[str, list[list[dict[str, Any]]]] = {}
-    first_of_seed: dict[int, Workspace] = {}
     for strategy in args.strategies.split(","):
+        label = f"{strategy} ({variant})" if variant else strategy
         for seed in (int(s) for s in args.seeds.split(",")):
             # A seed moves every random draw: round 0, training, UMAP and KMeans.
-            overrides = {**common, "acquisition": {**acquisition, "strategy": strategy, "seed": seed}, "train": {"seed": seed},
-                         "umap": {"random_state": seed}, "kmeans": {"random_state": seed}}
-            ws = workspace_for(args.out, f"{strategy}-seed{seed}", base, overrides, args.preset)
-            if seed in first_of_seed:
-                share_round_zero(first_of_seed[seed], ws)
-            first_of_seed.setdefault(seed, ws)
+            config = make_config(args.preset, merge_tables(common, {
+                "acquisition": {"strategy": strategy, "seed": seed}, "train": {"seed": seed},
+                "umap": {"random_state": seed}, "kmeans": {"random_state": seed}}))
+            name = f"{strategy}{'+' + variant.replace('/', '_') if variant else ''}-seed{seed}"
+            ws = workspace_for(args.out, name, base, config)
+            source = share_round_zero_from_any(args.out, ws)
+            if source is not None:
+                print(f"{name}: round 0 copied from {source.root.name}", flush=True)
             t0 = time.perf_counter()
             rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split))
-            print(f"{strategy} seed {seed}: " + ", ".join(f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}" for r in rows)
+            print(f"{label} seed {seed}: " + ", ".join(f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}" for r in rows)
                   + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
-            curves.setdefault(strategy, []).append(rows)
+            curves.setdefault(label, []).append(rows)
 
     table = markdown(curves, full)
     print(table)
@@ -171,6 +234,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d"),
         "preset": args.preset,
+        "settings": args.settings,
         "data": str(data),
         "rounds": args.rounds,
         "full_supervision_miou": full,

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from cli.main import WorkspaceArg, console, workspace_path
-from gpual.config import DATASET_KINDS, make_config, preset_names
+from gpual.config import DATASET_KINDS, make_config, merge_tables, parse_settings, preset_names
 from gpual.workspace import Workspace
 
 
@@ -17,6 +17,9 @@ def init(
     data: Path = typer.Option(..., "--data", help="Dataset root folder.", show_default=False),
     dataset: str = typer.Option("camvid", "--dataset", help=f"Layout: {', '.join(DATASET_KINDS)}."),
     preset: str = typer.Option("", "--preset", help="Config preset laid over the defaults (paper, cpu-small, demo)."),
+    settings: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE laid over the preset, e.g. acquisition.region_score=mean (repeatable).", show_default=False
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing workspace config."),
 ) -> None:
     """Create WORKSPACE/gpual.toml with every METHOD.md default (and the preset's values).
@@ -27,7 +30,7 @@ def init(
 
     root = Path(data).expanduser().resolve()
     spec = open_dataset(dataset, root)
-    overrides = {"data": {"root": str(root), "dataset": dataset}}
+    overrides = merge_tables(parse_settings(settings), {"data": {"root": str(root), "dataset": dataset}})
     config = make_config(preset or None, overrides)
     pool = spec.samples(config.data.pool_split)
     ws = Workspace.create(workspace_path(workspace), config, force=force)

@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import tomli_w
 
@@ -211,7 +211,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise GpualError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", 2)
+        raise GpualError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", 2)
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         hint = hints[name]
@@ -235,11 +235,12 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     return value
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on it, table by table (neither is changed)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_tables(out[key], value)
         else:
             out[key] = value
     return out
@@ -262,10 +263,35 @@ def make_config(preset: str | None = None, overrides: dict[str, Any] | None = No
     """Defaults, then the preset's table, then ``overrides`` (nested dicts), validated."""
     values = Config().to_dict()
     if preset:
-        values = _merge(values, load_preset(preset))
+        values = merge_tables(values, load_preset(preset))
     if overrides:
-        values = _merge(values, overrides)
+        values = merge_tables(values, overrides)
     return _build(Config, values, "").validate()
+
+
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+    """Nested overrides from ``KEY=VALUE`` strings such as ``acquisition.region_score=mean``.
+
+    VALUE is read as a TOML value (``3``, ``0.5``, ``true``, ``"x"``); anything that is not
+    one is taken as a bare string. Unknown keys are refused later, by ``make_config``.
+    """
+    out: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise GpualError(f"--set {setting!r} is not KEY=VALUE: write e.g. --set acquisition.region_score=mean", 2)
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        table = out
+        for part in parts[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise GpualError(f"--set {setting!r}: {part} was already given a value", 2)
+        table[parts[-1]] = value
+    return out
 
 
 def load_config(path: Path) -> Config:
@@ -278,7 +304,7 @@ def load_config(path: Path) -> Config:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GpualError(f"{path} is not valid TOML ({exc}): fix or re-create it with `gpual init --force`") from None
-    return _build(Config, _merge(Config().to_dict(), values), "").validate()
+    return _build(Config, merge_tables(Config().to_dict(), values), "").validate()
 
 
 def dump_config(config: Config) -> str:

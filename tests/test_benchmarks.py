@@ -11,6 +11,7 @@ import pytest
 
 from gpual import atomic
 from gpual.config import make_config
+from gpual.errors import GpualError
 from gpual.workspace import Workspace
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -55,3 +56,25 @@ def test_share_round_zero_copies_only_between_equal_configs(tmp_path: Path) -> N
     assert not al_curve.share_round_zero(source, same)  # already there
     assert not al_curve.share_round_zero(source, other)  # another round-0 budget
     assert not other.round_dir(0).exists()
+
+
+def test_round_zero_is_shared_across_region_scores_but_not_seeds(tmp_path: Path) -> None:
+    al_curve = _load("al_curve")
+    _finished_round_zero(tmp_path / "a", "random")
+    mean = Workspace.create(tmp_path / "b", make_config("demo", {"acquisition": {"strategy": "entropy", "region_score": "mean"}}))
+    seed = Workspace.create(tmp_path / "c", make_config("demo", {"acquisition": {"strategy": "entropy", "seed": 1}}))
+    assert al_curve.share_round_zero_from_any(tmp_path, mean).root == tmp_path / "a"
+    assert al_curve.share_round_zero_from_any(tmp_path, seed) is None
+    assert not seed.round_dir(0).exists()
+
+
+def test_existing_workspace_made_with_other_settings_is_refused(tmp_path: Path) -> None:
+    al_curve = _load("al_curve")
+    config = make_config("demo", {"acquisition": {"region_score": "mean"}})
+    ws = al_curve.open_or_create(tmp_path / "ws", config)
+    assert al_curve.open_or_create(tmp_path / "ws", config).config == ws.config
+    other = make_config("demo", {"acquisition": {"region_score": "sum"}, "train": {"epochs_per_round": 7}})
+    with pytest.raises(GpualError, match=r"other settings \(acquisition.region_score, train.epochs_per_round\)"):
+        al_curve.open_or_create(tmp_path / "ws", other)
+    # The full-supervision base ignores what it never reads.
+    assert al_curve.open_or_create(tmp_path / "ws", make_config("demo"), skip=al_curve.RUN_ONLY_SECTIONS).root == ws.root

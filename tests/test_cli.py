@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from cli_runner import run_cli
+from gpual.config import make_config
 from gpual.synthetic import make_scenes
+from gpual.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,20 @@ def test_init_errors(capsys, tmp_path, scenes) -> None:
     _one_line_error(run_cli(capsys, "init", tmp_path / "ws", "--data", scenes, "--dataset", "folder", "--preset", "huge"), 2, "unknown preset")
     assert not (tmp_path / "ws" / "gpual.toml").exists()
     _one_line_error(run_cli(capsys, "status", tmp_path / "nowhere"), 1, "not a gpual workspace")
+    for setting, message in (("acquisition.regionscore=mean", "unknown key(s) regionscore"),
+                             ("acquisition.region_score=max", "is not one of"), ("budget", "is not KEY=VALUE")):
+        _one_line_error(run_cli(capsys, "init", tmp_path / "ws", "--data", scenes, "--dataset", "folder", "--set", setting), 2, message)
+        assert not (tmp_path / "ws" / "gpual.toml").exists()
+
+
+def test_init_set_lays_values_over_the_preset(capsys, tmp_path, scenes) -> None:
+    ws = tmp_path / "ws"
+    r = run_cli(capsys, "init", ws, "--data", scenes, "--dataset", "folder", "--preset", "demo",
+                "--set", "acquisition.region_score=mean", "--set", "kmeans.max_iter=50")
+    assert r.code == 0, r.err
+    config = Workspace.open(ws).config
+    assert (config.acquisition.region_score, config.kmeans.max_iter) == ("mean", 50)
+    assert config.model.backbone == make_config("demo").model.backbone  # the preset still applies
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpual.config import Config, dump_config, load_config, make_config, preset_names
+from gpual.config import Config, dump_config, load_config, make_config, parse_settings, preset_names
 from gpual.errors import GpualError
 
 
@@ -61,3 +61,16 @@ def test_bad_config_is_one_clear_error(tmp_path, text: str, message: str) -> Non
     with pytest.raises(GpualError, match=message) as info:
         load_config(path)
     assert "\n" not in str(info.value)
+
+
+def test_parse_settings_reads_toml_values_into_nested_tables() -> None:
+    settings = parse_settings(["acquisition.region_score=mean", "kmeans.max_iter=50", "train.amp=true",
+                               "data.scale=0.5", 'superpixels.method="seeds"'])
+    assert settings == {"acquisition": {"region_score": "mean"}, "kmeans": {"max_iter": 50}, "train": {"amp": True},
+                        "data": {"scale": 0.5}, "superpixels": {"method": "seeds"}}
+    assert make_config("demo", settings).kmeans.max_iter == 50
+    for bad in ("budget", "=3", "acquisition..budget=3"):
+        with pytest.raises(GpualError, match="is not KEY=VALUE"):
+            parse_settings([bad])
+    with pytest.raises(GpualError, match="already given a value"):
+        parse_settings(["kmeans=1", "kmeans.max_iter=50"])
