@@ -268,9 +268,10 @@ def _pool_with_teacher(
     progress: Progress | None,
 ) -> tuple[Any, torch.Tensor, dict[str, float]]:
     """Teacher forward over the pool with per-batch pooling; returns (RegionStats, bank vectors, timings)."""
-    from gpual.training import load_checkpoint
+    from gpual.training import load_bank, load_teacher
 
-    _, teacher, bank, _ = load_checkpoint(ws.checkpoint_path(round - 1), backend.device)
+    teacher, _ = load_teacher(ws.checkpoint_path(round - 1), backend.device)
+    bank = load_bank(ws.checkpoint_path(round - 1), backend.device)
     stats, timings = pool_images(ws, round, teacher, index, strategy, backend.device, backend.is_cuda and ws.config.train.amp, progress)
     if stats.n_regions != n_regions:
         raise GpualError(f"pooled {stats.n_regions} regions but the index counts {n_regions}: run `gpual superpixels {ws.root}` again")
@@ -369,8 +370,8 @@ def _manifest(
     """The selection as a DataFrame of ``backend.frame`` (cuDF on GPU) with QUERY_COLUMNS.
 
     Global ids are split into (image, local region) in the array namespace; image names
-    join in from a small host table of the index, so no per-region host copy is needed
-    before the frame exists.
+    are gathered from a small frame-library Series of the index's names by position, so no
+    per-region host copy is needed before the frame exists.
     """
     xp = backend.xp
     chosen = xp.asarray(backend.from_torch(candidates))[selection.indices]
@@ -379,17 +380,15 @@ def _manifest(
     image_pos = xp.searchsorted(offsets_xp, chosen, side="right") - 1
     local = chosen - offsets_xp[image_pos]
     frame = backend.frame
+    names = frame.Series(index["image"].astype(str).tolist())
     table = frame.DataFrame(
         {
-            "image_pos": image_pos.astype(xp.int64),
+            "image": names.take(image_pos).reset_index(drop=True),
             "region": local.astype(xp.int32),
             "score": xp.asarray(selection.scores).astype(xp.float64),
             "pixels": region_pixels.astype(xp.int64),
         }
     )
-    table["rank"] = xp.arange(len(table), dtype=xp.int64)
-    names = frame.DataFrame({"image_pos": np.arange(len(index), dtype=np.int64), "image": index["image"].astype(str).tolist()})
-    table = table.merge(names, on="image_pos", how="left").sort_values("rank")
     table["round"] = round
     table["strategy"] = strategy
     # cuDF spells pandas' "string" dtype "str"; the parquet file is the same.

@@ -142,12 +142,12 @@ class DaskCluster:
         (workers loading the checkpoint and the transfer included).
         """
         from gpual.pooling import RegionStats
-        from gpual.training import load_checkpoint
+        from gpual.training import load_bank
 
         t0 = time.perf_counter()
         # The client reads the checkpoint too: it needs the bank, and a missing checkpoint
         # fails here with the usual message before any worker is asked.
-        _, _, bank, _ = load_checkpoint(ws.checkpoint_path(round - 1), backend.device)
+        bank = load_bank(ws.checkpoint_path(round - 1), backend.device)
         bank_vectors, _ = bank.vectors()
         shards = plan_shards(len(index), ws.config.acquisition.batch_size, max(1, self.n_workers))
         # Absolute image paths: a worker's working directory need not be the client's.
@@ -305,7 +305,7 @@ def pool_shard(root: str, config: Any, round: int, device_type: str, shard: pd.D
         {"forward", "pooling", "loader_wait"} seconds}.
     """
     from gpual.acquisition import pool_images
-    from gpual.training import load_checkpoint
+    from gpual.training import load_teacher
     from gpual.workspace import Workspace
 
     if device_type == "cuda":
@@ -318,7 +318,7 @@ def pool_shard(root: str, config: Any, round: int, device_type: str, shard: pd.D
     else:
         device = torch.device("cpu")
     ws = Workspace(Path(root), config)
-    _, teacher, _, _ = load_checkpoint(ws.checkpoint_path(round - 1), device)
+    teacher, _ = load_teacher(ws.checkpoint_path(round - 1), device)
     # Dask workers are daemonic processes, which may not start loader processes.
     stats, timings = pool_images(ws, round, teacher, shard, strategy, device, device.type == "cuda" and ws.config.train.amp,
                                  first_batch=first_batch, loader_workers=0)

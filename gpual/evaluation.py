@@ -16,7 +16,7 @@ from gpual.errors import GpualError
 from gpual.loading import host_batches, pad_collate
 from gpual.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from gpual.model import normalize
-from gpual.training import load_checkpoint
+from gpual.training import load_teacher
 from gpual.workspace import Workspace
 
 
@@ -58,7 +58,7 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device)
     else:
         ws.require(round, "evaluate", "evaluate")
         path = ws.checkpoint_path(round)
-    _, teacher, _, meta = load_checkpoint(path, device)
+    teacher, meta = load_teacher(path, device)
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
     name = split_name(ws, split)
     samples = spec.samples(name)

@@ -13,11 +13,15 @@ from torch import nn
 
 def make_teacher(student: nn.Module) -> nn.Module:
     """A frozen copy of ``student`` (same device), in eval mode, without gradients."""
-    teacher = copy.deepcopy(student)
-    teacher.eval()
-    for p in teacher.parameters():
+    return freeze(copy.deepcopy(student))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` itself, in eval mode and without gradients (as a teacher is)."""
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return teacher
+    return model
 
 
 @torch.no_grad()

@@ -54,7 +54,7 @@ from gpual.losses import IGNORE_INDEX, contrastive_loss, cross_entropy
 from gpual.memory_bank import MemoryBank
 from gpual.model import SegmentationModel, build_model, normalize
 from gpual.seeding import TRAIN, derive_seed
-from gpual.teacher import ema_update, make_teacher
+from gpual.teacher import ema_update, freeze, make_teacher
 from gpual.workspace import Workspace
 
 CHECKPOINT_FORMAT = "gpual-checkpoint-1"
@@ -283,11 +283,13 @@ def save_checkpoint(path: Path, t: Trainer, meta: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def _read(path: Path, what: str, missing: str) -> dict[str, Any]:
+def _read(path: Path, what: str, missing: str, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint or resume state as CPU tensors. With ``mmap`` the file is memory-mapped,
+    so tensors that are never touched (the student, for inference) are never read."""
     if not path.exists():
         raise GpualError(missing)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # zip, pickle and torch errors alike
         raise GpualError(f"{what} {path} is unreadable ({type(exc).__name__}): delete it and train again") from None
     if not isinstance(state, dict) or state.get("format") not in (CHECKPOINT_FORMAT, RESUME_FORMAT):
@@ -295,26 +297,49 @@ def _read(path: Path, what: str, missing: str) -> dict[str, Any]:
     return state
 
 
-def _models_from_meta(meta: dict[str, Any], device: torch.device) -> tuple[SegmentationModel, SegmentationModel, MemoryBank]:
+def _model_from_meta(meta: dict[str, Any], device: torch.device) -> SegmentationModel:
     config = ModelConfig(**meta["model"])
-    student = build_model(config, int(meta["num_classes"]), output_stride=int(meta["output_stride"])).to(device)
-    teacher = make_teacher(student)
-    bank = MemoryBank(int(meta["num_classes"]), int(meta["bank"]["capacity"]), int(meta["bank"]["dim"]), device)
-    return student, teacher, bank
+    return build_model(config, int(meta["num_classes"]), output_stride=int(meta["output_stride"])).to(device)
+
+
+def _bank_from_meta(meta: dict[str, Any], device: torch.device) -> MemoryBank:
+    return MemoryBank(int(meta["num_classes"]), int(meta["bank"]["capacity"]), int(meta["bank"]["dim"]), device)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> tuple[SegmentationModel, SegmentationModel, MemoryBank, dict[str, Any]]:
     """(student (train mode), teacher (eval mode, frozen), memory bank, meta) from a round's
     checkpoint, all on ``device``. The architecture comes from the checkpoint's own meta."""
-    state = _read(Path(path), "checkpoint", f"{path} not found: train that round first (`gpual train`)")
+    state = _read(Path(path), "checkpoint", _missing(path))
     meta = state["meta"]
-    student, teacher, bank = _models_from_meta(meta, device)
+    student = _model_from_meta(meta, device)
+    teacher, bank = make_teacher(student), _bank_from_meta(meta, device)
     _load_weights(student, state["student"], path)
     _load_weights(teacher, state["teacher"], path)
     bank.load_state_dict(state["bank"])
     student.train()
     teacher.eval()
     return student, teacher, bank, meta
+
+
+def load_teacher(path: Path, device: torch.device) -> tuple[SegmentationModel, dict[str, Any]]:
+    """(teacher (eval mode, frozen) on ``device``, meta): what evaluation and pool scoring
+    run. The student is neither built nor read from disk."""
+    state = _read(Path(path), "checkpoint", _missing(path), mmap=True)
+    teacher = _model_from_meta(state["meta"], device)
+    _load_weights(teacher, state["teacher"], path)
+    return freeze(teacher), state["meta"]
+
+
+def load_bank(path: Path, device: torch.device) -> MemoryBank:
+    """The memory bank of a round's checkpoint on ``device`` (no model is built)."""
+    state = _read(Path(path), "checkpoint", _missing(path), mmap=True)
+    bank = _bank_from_meta(state["meta"], device)
+    bank.load_state_dict(state["bank"])
+    return bank
+
+
+def _missing(path: Path) -> str:
+    return f"{path} not found: train that round first (`gpual train`)"
 
 
 def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:

@@ -164,7 +164,7 @@ def test_ema_warmup_for_fresh_weights(scenes: Path) -> None:
 
 def test_train_round_writes_checkpoint_and_evaluate_writes_miou(trained_ws) -> None:
     from gpual.evaluation import evaluate
-    from gpual.training import load_checkpoint
+    from gpual.training import load_bank, load_checkpoint, load_teacher
 
     ws, summary = trained_ws
     assert ws.checkpoint_path(0).exists() and not ws.resume_path(0).exists()
@@ -176,6 +176,13 @@ def test_train_round_writes_checkpoint_and_evaluate_writes_miou(trained_ws) -> N
     assert meta["num_classes"] == 5 and meta["model"]["backbone"] == "resnet18"
     assert bank.filled().sum() > 0 and bank.vectors()[0].shape[1] == 128
     assert not torch.equal(student.classifier[4].weight, teacher.classifier[4].weight)
+    # Inference reads only the teacher (or only the bank), with the same weights.
+    alone, alone_meta = load_teacher(ws.checkpoint_path(0), CPU)
+    assert alone_meta == meta and not alone.training and not any(p.requires_grad for p in alone.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), teacher.state_dict().values(), strict=True))
+    assert torch.equal(load_bank(ws.checkpoint_path(0), CPU).vectors()[0], bank.vectors()[0])
+    with pytest.raises(GpualError, match="train that round first"):
+        load_teacher(ws.checkpoint_path(5), CPU)
 
     result = evaluate(ws, 0, "val", CPU)
     assert 0.0 <= result["miou"] <= 1.0 and set(result["iou"]) == {"background", "disc", "box", "triangle", "stripe"}
