@@ -14,6 +14,7 @@ image with global offsets, as ``gpual select`` builds them.
 
     python benchmarks/pooling.py --device cuda --size 360x480 --classes 11 --batch 16
     python benchmarks/pooling.py --device cuda --size 512x1024 --classes 19 --batch 8
+    python benchmarks/pooling.py --device cpu --size 180x240 --batch 8 --region-pixels 100 --layout all
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
 from gpual.backend import synchronize_device as sync  # noqa: E402
-from gpual.pooling import RegionPooler  # noqa: E402
+from gpual.pooling import EMBEDDING_LAYOUTS, RegionPooler  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[float]:
@@ -78,7 +79,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--region-pixels", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--layout", default="default", help=f"embedding layout: default (the device's), {', '.join(EMBEDDING_LAYOUTS)}, or all")
     args = parser.parse_args()
+    layouts = [None] if args.layout == "default" else list(EMBEDDING_LAYOUTS) if args.layout == "all" else [args.layout]
 
     device = torch.device(args.device)
     payload: dict[str, Any] = {"backend": device.type, "machine": machine_info(), "torch": torch.__version__,
@@ -96,24 +99,26 @@ def main() -> None:
         del logits
         emb = torch.nn.functional.normalize(torch.randn(args.batch, args.dim, h, w, generator=g, device=device), dim=1)
         ids, n_regions = grid_regions(args.batch, h, w, args.region_pixels, device)
-        pooler = RegionPooler(n_regions, args.dim, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids), device, args.repeats))
-        nbytes = probs.numel() * 4 + emb.numel() * 4 + ids.numel() * 8
-        row = {
-            "size": size, "regions_per_batch": n_regions, "seconds_per_batch": seconds,
-            "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
-            "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
-        }
-        if device.type == "cuda":
-            row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
-        payload["results"].append(row)
-        print(f"{size}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch}, "
-              f"{row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.0f} GB/s effective"
-              + (f" = {row['share_of_copy_bandwidth']:.0%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
-        del probs, emb, ids, pooler
+        for layout in layouts:
+            pooler = RegionPooler(n_regions, args.dim, device, embedding_layout=layout)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids), device, args.repeats))
+            nbytes = probs.numel() * 4 + emb.numel() * 4 + ids.numel() * 8
+            row = {
+                "size": size, "embedding_layout": pooler.embedding_layout, "regions_per_batch": n_regions,
+                "seconds_per_batch": seconds, "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
+                "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
+            }
+            if device.type == "cuda":
+                row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
+            payload["results"].append(row)
+            print(f"{size} {pooler.embedding_layout}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch}, "
+                  f"{row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.1f} GB/s effective"
+                  + (f" = {row['share_of_copy_bandwidth']:.0%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
+            del pooler
+        del probs, emb, ids
     write_result("pooling", payload)
 
 

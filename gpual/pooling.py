@@ -4,8 +4,8 @@ The teacher runs over the pool batch by batch; each batch's per-pixel probabilit
 embeddings are folded at once into per-region sums with torch scatter ops
 (``index_add_``) on the model's device. The pooler's buffers have one row per region, so
 memory grows with the number of regions ``R``, never with the pool's pixels, and no
-value leaves the device (no host sync: padding is masked arithmetically, not by boolean
-indexing, whose output size would have to be read back to the host).
+value leaves the device (no host sync: padding pixels are sent to a sink row, not removed
+by boolean indexing, whose output size would have to be read back to the host).
 """
 from __future__ import annotations
 
@@ -89,15 +89,27 @@ def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
     return first.squeeze(1), second
 
 
+# How the (B, D, H, W) embeddings are folded into per-region sums (same sums, other memory
+# traffic). "pixel-major": a (B*H*W, D) transposed copy added row by row into an (R, D)
+# accumulator, so a warp's atomics hit distinct addresses (measured on an H100).
+# "channel-major": each image's (D, H*W) slice added along dim 1 of a (D, R) accumulator,
+# no copy (3.5x faster than pixel-major on the 2-core CPU, batch 8 at 180x240, D=128).
+EMBEDDING_LAYOUTS = ("pixel-major", "channel-major")
+
+
 class RegionPooler:
     """Accumulates per-region statistics over batches with torch scatter ops.
 
-    Memory: (R, D + 3) float32 (+ (R,) for BALD) and (R,) int64 on ``device``, whatever the
-    pool's pixel count; each :meth:`add` also holds one (B*H*W, D) transient copy.
-    Float sums on CUDA use atomics, so the last bits may differ from run to run.
+    Memory: (R + 1, D + 3) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
+    whatever the pool's pixel count; row R is a sink for padding pixels. A pixel-major
+    :meth:`add` also holds one (B*H*W, D) transient copy. Float sums on CUDA use atomics,
+    so the last bits may differ from run to run.
+
+    ``embedding_layout`` (one of EMBEDDING_LAYOUTS) defaults to pixel-major on CUDA and
+    channel-major on CPU; both give the same sums up to float rounding.
     """
 
-    def __init__(self, n_regions: int, dim: int, device: torch.device | str) -> None:
+    def __init__(self, n_regions: int, dim: int, device: torch.device | str, embedding_layout: str | None = None) -> None:
         if n_regions <= 0:
             raise GpualError(f"cannot pool into {n_regions} regions: the superpixel index is empty; run `gpual superpixels`")
         if dim <= 0:
@@ -108,12 +120,19 @@ class RegionPooler:
         if self.device.type == "cuda" and self.device.index is None:
             # "cuda" and "cuda:0" compare unequal; pin the index the tensors will carry.
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if embedding_layout is None:
+            embedding_layout = "pixel-major" if self.device.type == "cuda" else "channel-major"
+        if embedding_layout not in EMBEDDING_LAYOUTS:
+            raise GpualError(f"embedding layout {embedding_layout!r} is not one of {', '.join(EMBEDDING_LAYOUTS)}", 2)
+        self.embedding_layout = embedding_layout
+        slots = n_regions + 1  # the last one collects padding and is never read
         f32 = dict(dtype=torch.float32, device=self.device)
-        self._embedding = torch.zeros(n_regions, dim, **f32)
-        self._entropy = torch.zeros(n_regions, **f32)
-        self._margin = torch.zeros(n_regions, **f32)
-        self._maxprob = torch.zeros(n_regions, **f32)
-        self._pixels = torch.zeros(n_regions, dtype=torch.int64, device=self.device)
+        shape = (slots, dim) if embedding_layout == "pixel-major" else (dim, slots)
+        self._embedding = torch.zeros(shape, **f32)
+        self._entropy = torch.zeros(slots, **f32)
+        self._margin = torch.zeros(slots, **f32)
+        self._maxprob = torch.zeros(slots, **f32)
+        self._pixels = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self._bald: Tensor | None = None
         self._batches = 0
 
@@ -134,30 +153,29 @@ class RegionPooler:
         """
         self._check(probs, embedding, region_ids, mc_probs)
         b, _, h, w = probs.shape
-        valid = region_ids >= 0  # (B, H, W) bool
-        weight = valid.to(torch.float32)
-        # Padding pixels are added to row 0 with weight 0: no boolean indexing, no sync.
-        index = region_ids.clamp_min(0).reshape(-1)
+        # Padding pixels go to the sink row R: no masking, no boolean indexing, no sync.
+        index = torch.where(region_ids >= 0, region_ids, self.n_regions).reshape(-1)
 
         probs = probs.float()
-        self._entropy.index_add_(0, index, (pixel_entropy(probs, dim=1) * weight).reshape(-1))
+        self._entropy.index_add_(0, index, pixel_entropy(probs, dim=1).reshape(-1))
         first, second = top_two(probs)
-        self._maxprob.index_add_(0, index, (first * weight).reshape(-1))
-        self._margin.index_add_(0, index, ((first - second) * weight).reshape(-1))
-        self._pixels.index_add_(0, index, valid.reshape(-1).to(torch.int64))
+        self._maxprob.index_add_(0, index, first.reshape(-1))
+        self._margin.index_add_(0, index, (first - second).reshape(-1))
+        self._pixels.index_add_(0, index, torch.ones_like(index))
 
-        # One transient (B, H*W, D) copy (always a copy, so the in-place mask never
-        # touches the caller's tensor): pixel-major rows, so each pixel's D values are
-        # contiguous (coalesced reads, distinct atomic targets on CUDA).
-        rows = embedding.float().reshape(b, self.dim, h * w).transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        rows.mul_(weight.reshape(b, h * w, 1))
-        self._embedding.index_add_(0, index, rows.reshape(-1, self.dim))
-        del rows
+        if self.embedding_layout == "pixel-major":
+            rows = embedding.float().reshape(b, self.dim, h * w).transpose(1, 2).reshape(-1, self.dim)  # a copy
+            self._embedding.index_add_(0, index, rows)
+            del rows
+        else:
+            per_image = index.view(b, h * w)
+            for i in range(b):
+                self._embedding.index_add_(1, per_image[i], embedding[i].reshape(self.dim, h * w).float())
 
         if mc_probs is not None:
             if self._bald is None:
-                self._bald = torch.zeros(self.n_regions, dtype=torch.float32, device=self.device)
-            self._bald.index_add_(0, index, (bald_information(mc_probs.float()) * weight).reshape(-1))
+                self._bald = torch.zeros(self.n_regions + 1, dtype=torch.float32, device=self.device)
+            self._bald.index_add_(0, index, bald_information(mc_probs.float()).reshape(-1))
         self._batches += 1
 
     def _check(self, probs: Tensor, embedding: Tensor, region_ids: Tensor, mc_probs: Tensor | None) -> None:
@@ -196,25 +214,27 @@ class RegionPooler:
 
     def result(self) -> RegionStats:
         """Means and re-normalised embeddings from the sums (new tensors; the pooler can keep adding)."""
-        count = self._pixels.to(torch.float32)
-        empty = self._pixels == 0
-        denom = count.clamp_min(1.0)
-        mean = self._embedding / denom.unsqueeze(1)
+        r = self.n_regions
+        pixels = self._pixels[:r]
+        empty = pixels == 0
+        denom = pixels.to(torch.float32).clamp_min(1.0)
+        sums = self._embedding[:r] if self.embedding_layout == "pixel-major" else self._embedding[:, :r].T.contiguous()
+        mean = sums / denom.unsqueeze(1)  # (R, D) row-major
         # normalize divides by max(norm, eps): a zero mean (empty region) stays zero.
         embedding = torch.nn.functional.normalize(mean, p=2.0, dim=1, eps=1e-12)
         one = torch.ones((), dtype=torch.float32, device=self.device)
         return RegionStats(
             embedding=embedding,
-            entropy_sum=self._entropy.clone(),
-            entropy_mean=self._entropy / denom,
-            margin_mean=torch.where(empty, one, self._margin / denom),
-            maxprob_mean=torch.where(empty, one, self._maxprob / denom),
-            bald=None if self._bald is None else self._bald.clone(),
-            pixels=self._pixels.clone(),
+            entropy_sum=self._entropy[:r].clone(),
+            entropy_mean=self._entropy[:r] / denom,
+            margin_mean=torch.where(empty, one, self._margin[:r] / denom),
+            maxprob_mean=torch.where(empty, one, self._maxprob[:r] / denom),
+            bald=None if self._bald is None else self._bald[:r].clone(),
+            pixels=pixels.clone(),
         )
 
     def buffers(self) -> dict[str, Tensor]:
-        """The accumulation buffers (for memory accounting and tests)."""
+        """The accumulation buffers, sink row included (for memory accounting and tests)."""
         out = {
             "embedding": self._embedding,
             "entropy": self._entropy,

@@ -32,7 +32,7 @@ import torch
 
 from gpual.backend import Backend, cpu_backend, get_backend
 from gpual.config import KMeansConfig, UmapConfig
-from gpual.pooling import RegionPooler, RegionStats
+from gpual.pooling import EMBEDDING_LAYOUTS, RegionPooler, RegionStats
 from gpual.ranking import cluster_argmax, select_per_cluster, top_k
 from gpual.strategies import select_regions
 
@@ -58,8 +58,9 @@ def _batches(seed: int, n_regions: int = 120, d: int = 16, c: int = 6) -> list[t
     return out
 
 
-def _pool(batches: list[tuple[torch.Tensor, ...]], device: torch.device, n_regions: int = 120, d: int = 16) -> RegionStats:
-    pooler = RegionPooler(n_regions, d, device)
+def _pool(batches: list[tuple[torch.Tensor, ...]], device: torch.device, n_regions: int = 120, d: int = 16,
+          layout: str | None = None) -> RegionStats:
+    pooler = RegionPooler(n_regions, d, device, embedding_layout=layout)
     for probs, emb, ids, mc in batches:
         pooler.add(probs.to(device), emb.to(device), ids.to(device), mc_probs=mc.to(device))
     return pooler.result()
@@ -118,10 +119,11 @@ def test_guard_catches_host_copies(cuda: Backend) -> None:
             bool(cupy.ones(3).any())
 
 
-def test_pooling_parity(cuda: Backend) -> None:
+@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
+def test_pooling_parity(cuda: Backend, layout: str) -> None:
     batches = _batches(0)
     cpu_stats = _pool(batches, torch.device("cpu"))
-    gpu_stats = _pool(batches, cuda.device)
+    gpu_stats = _pool(batches, cuda.device, layout=layout)
     for key, value in cpu_stats.__dict__.items():
         torch.testing.assert_close(getattr(gpu_stats, key).cpu(), value, rtol=1e-5, atol=1e-4, msg=key)
 
@@ -165,7 +167,12 @@ def test_selection_parity_and_no_host_copy(cuda: Backend) -> None:
 
 def test_pooling_makes_no_host_copy(cuda: Backend) -> None:
     batches = [tuple(t.to(cuda.device) for t in batch) for batch in _batches(2)]
-    pooler = RegionPooler(120, 16, cuda.device)
+    for layout in EMBEDDING_LAYOUTS:
+        _pool_without_host_copies(cuda, batches, layout)
+
+
+def _pool_without_host_copies(cuda: Backend, batches: list[tuple[torch.Tensor, ...]], layout: str) -> None:
+    pooler = RegionPooler(120, 16, cuda.device, embedding_layout=layout)
     with forbid_host_copies(cuda):
         for probs, emb, ids, mc in batches:
             pooler.add(probs, emb, ids, mc_probs=mc)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpual.errors import GpualError
-from gpual.pooling import RegionPooler, bald_information, pixel_entropy
+from gpual.pooling import EMBEDDING_LAYOUTS, RegionPooler, bald_information, pixel_entropy
 
 
 def _batch(g: torch.Generator, regions_per_image: list[int], offsets: list[int], c: int, d: int, h: int, w: int,
@@ -64,14 +64,15 @@ def _naive(batches: list[tuple[torch.Tensor, ...]], n_regions: int, d: int) -> d
     return out
 
 
-def test_pooler_matches_naive_loop_over_batches_with_global_offsets() -> None:
+@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
+def test_pooler_matches_naive_loop_over_batches_with_global_offsets(layout: str) -> None:
     g = torch.Generator().manual_seed(0)
     c, d, h, w = 5, 8, 12, 10
     # 5 images of 7, 9, 6, 11, 8 regions in batches of 2, 2, 1; one region id left unused.
     sizes = [7, 9, 6, 11, 8]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     n_regions = sum(sizes) + 1
-    pooler = RegionPooler(n_regions, d, "cpu")
+    pooler = RegionPooler(n_regions, d, "cpu", embedding_layout=layout)
     batches = []
     for lo, hi in ((0, 2), (2, 4), (4, 5)):
         batch = _batch(g, sizes[lo:hi], offsets[lo:hi], c, d, h, w, mc=3)
@@ -86,15 +87,16 @@ def test_pooler_matches_naive_loop_over_batches_with_global_offsets() -> None:
         tensor = getattr(got, key)
         assert tensor.dtype == torch.float32 and tensor.shape == (n_regions,), key
         np.testing.assert_allclose(tensor.numpy(), want[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    assert got.embedding.shape == (n_regions, d) and got.embedding.dtype == torch.float32
+    assert got.embedding.shape == (n_regions, d) and got.embedding.dtype == torch.float32 and got.embedding.is_contiguous()
     np.testing.assert_allclose(got.embedding.numpy(), want["embedding"], rtol=1e-5, atol=1e-5)
     # Padding: 2 rows of the last image of each batch carry -1 and count nowhere.
     assert int(got.pixels.sum()) == 5 * h * w - 3 * 2 * w
 
 
-def test_padding_only_batch_changes_nothing() -> None:
+@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
+def test_padding_only_batch_changes_nothing(layout: str) -> None:
     g = torch.Generator().manual_seed(1)
-    pooler = RegionPooler(6, 4, "cpu")
+    pooler = RegionPooler(6, 4, "cpu", embedding_layout=layout)
     probs, emb, ids, _ = _batch(g, [6], [0], 3, 4, 5, 5)
     pooler.add(probs, emb, ids)
     before = pooler.result()
@@ -154,7 +156,8 @@ def test_buffers_grow_with_regions_not_pixels() -> None:
         probs, emb, ids, mc = _batch(g, [n_regions], [0], 3, d, side, side, mc=2)
         pooler.add(probs, emb, ids, mc_probs=mc)
         sizes = {k: (tuple(v.shape), v.untyped_storage().nbytes()) for k, v in pooler.buffers().items()}
-        assert all(shape[0] == n_regions for shape, _ in sizes.values())
+        # One slot per region plus the padding sink; the embedding has D of them.
+        assert all(math.prod(shape) == (n_regions + 1) * (d if k == "embedding" else 1) for k, (shape, _) in sizes.items())
         assert sizes_before is None or sizes == sizes_before
         sizes_before = sizes
     stats = pooler.result()
@@ -179,14 +182,18 @@ def test_bad_inputs_raise_gpual_errors() -> None:
         pooler.add(probs, emb, ids, mc_probs=torch.stack([probs, probs]))
     with pytest.raises(GpualError, match="regions"):
         RegionPooler(0, 3, "cpu")
+    assert RegionPooler(4, 3, "cpu").embedding_layout == "channel-major"  # the faster one on CPU
+    with pytest.raises(GpualError, match="embedding layout 'rows'"):
+        RegionPooler(4, 3, "cpu", embedding_layout="rows")
 
 
-def test_add_leaves_the_callers_tensors_untouched() -> None:
-    # D = 1 makes the pixel-major transpose a no-op view: the padding mask must still not
-    # be written into the caller's embedding.
+@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
+def test_add_leaves_the_callers_tensors_untouched(layout: str) -> None:
+    # D = 1 makes the pixel-major transpose a no-op view: nothing may be written into
+    # the caller's embedding.
     emb = torch.ones(1, 1, 1, 3)
     probs = torch.full((1, 2, 1, 3), 0.5)
-    pooler = RegionPooler(2, 1, "cpu")
+    pooler = RegionPooler(2, 1, "cpu", embedding_layout=layout)
     pooler.add(probs, emb, torch.tensor([[[0, -1, 1]]]))
     assert torch.equal(emb, torch.ones(1, 1, 1, 3)) and torch.equal(probs, torch.full((1, 2, 1, 3), 0.5))
     torch.testing.assert_close(pooler.result().pixels, torch.tensor([1, 1]))
