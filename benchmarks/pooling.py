@@ -1,20 +1,22 @@
 """Pooling throughput against the device's memory bandwidth.
 
 Pooling (``gpual.pooling.RegionPooler.add``) folds each batch's per-pixel probabilities
-(B, C, H, W) and embeddings (B, D, H, W) into per-region sums with ``index_add_``. Its
-floor is reading those inputs once, so the figure of merit is
+(B, C, H, W) and the projection head's (B, D, H/s, W/s) map (s = ``--output-stride``)
+into per-region sums: ``index_add_`` for the per-pixel statistics, one (regions x cells)
+matrix product per image for the embeddings, which are never built per pixel. Its floor
+is reading those inputs once, so the figure of merit is
 
-    effective bandwidth = bytes of the inputs (probs + embeddings + int64 region ids) / time
+    effective bandwidth = bytes of the inputs (probs + projection map + int64 region ids) / time
 
 compared with the device's own bandwidth, measured here as a device-to-device copy of a
 1 GiB tensor (bytes read + bytes written, per second), median of 10 after warm-up. The
 inputs are float32, as the pooler reads them. Generated inputs: Dirichlet-like softmax
-probabilities, unit embeddings, and a grid of square regions of ``--region-pixels`` per
-image with global offsets, as ``gpual select`` builds them.
+probabilities, a random projection map, and a grid of square regions of
+``--region-pixels`` per image with global offsets, as ``gpual select`` builds them.
 
     python benchmarks/pooling.py --device cuda --size 360x480 --classes 11 --batch 16
     python benchmarks/pooling.py --device cuda --size 512x1024 --classes 19 --batch 8
-    python benchmarks/pooling.py --device cpu --size 180x240 --batch 8 --region-pixels 100 --layout all
+    python benchmarks/pooling.py --device cpu --size 180x240 --batch 8 --region-pixels 100
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
 from gpual.backend import synchronize_device as sync  # noqa: E402
-from gpual.pooling import EMBEDDING_LAYOUTS, RegionPooler  # noqa: E402
+from gpual.pooling import RegionPooler  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[float]:
@@ -58,8 +60,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes / seconds / 1e9
 
 
-def grid_regions(batch: int, h: int, w: int, region_pixels: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(B, H, W) int64 global ids of square regions of ~region_pixels, and the region count."""
+def grid_regions(batch: int, h: int, w: int, region_pixels: int, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """(B, H, W) int64 global ids of square regions of ~region_pixels, and each image's
+    (first region, region count)."""
     side = max(1, int(round(region_pixels ** 0.5)))
     rows, cols = (h + side - 1) // side, (w + side - 1) // side
     yy = torch.arange(h, device=device) // side
@@ -67,7 +70,7 @@ def grid_regions(batch: int, h: int, w: int, region_pixels: int, device: torch.d
     local = (yy[:, None] * cols + xx[None, :]).expand(batch, h, w)
     per_image = rows * cols
     offsets = torch.arange(batch, device=device)[:, None, None] * per_image
-    return (local + offsets).contiguous(), batch * per_image
+    return (local + offsets).contiguous(), [(i * per_image, per_image) for i in range(batch)]
 
 
 def main() -> None:
@@ -79,14 +82,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--region-pixels", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--layout", default="default", help=f"embedding layout: default (the device's), {', '.join(EMBEDDING_LAYOUTS)}, or all")
+    parser.add_argument("--output-stride", type=int, default=8, help="the projection map is H/s x W/s (the model's stride)")
     args = parser.parse_args()
-    layouts = [None] if args.layout == "default" else list(EMBEDDING_LAYOUTS) if args.layout == "all" else [args.layout]
 
     device = torch.device(args.device)
     payload: dict[str, Any] = {"backend": device.type, "machine": machine_info(), "torch": torch.__version__,
                                "classes": args.classes, "dim": args.dim, "batch": args.batch,
-                               "region_pixels": args.region_pixels, "repeats": args.repeats, "results": []}
+                               "region_pixels": args.region_pixels, "output_stride": args.output_stride,
+                               "repeats": args.repeats, "results": []}
     if device.type == "cuda":
         payload["gpu"] = torch.cuda.get_device_name(device)
         payload["copy_bandwidth_gb_s"] = copy_bandwidth(device)
@@ -97,27 +100,27 @@ def main() -> None:
         logits = torch.randn(args.batch, args.classes, h, w, generator=g, device=device) * 3
         probs = torch.softmax(logits, dim=1)
         del logits
-        emb = torch.nn.functional.normalize(torch.randn(args.batch, args.dim, h, w, generator=g, device=device), dim=1)
-        ids, n_regions = grid_regions(args.batch, h, w, args.region_pixels, device)
-        for layout in layouts:
-            pooler = RegionPooler(n_regions, args.dim, device, embedding_layout=layout)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids), device, args.repeats))
-            nbytes = probs.numel() * 4 + emb.numel() * 4 + ids.numel() * 8
-            row = {
-                "size": size, "embedding_layout": pooler.embedding_layout, "regions_per_batch": n_regions,
-                "seconds_per_batch": seconds, "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
-                "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
-            }
-            if device.type == "cuda":
-                row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
-            payload["results"].append(row)
-            print(f"{size} {pooler.embedding_layout}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch}, "
-                  f"{row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.1f} GB/s effective"
-                  + (f" = {row['share_of_copy_bandwidth']:.0%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
-            del pooler
+        stride = args.output_stride
+        emb = torch.randn(args.batch, args.dim, (h + stride - 1) // stride, (w + stride - 1) // stride, generator=g, device=device)
+        ids, spans = grid_regions(args.batch, h, w, args.region_pixels, device)
+        pooler = RegionPooler(spans[-1][0] + spans[-1][1], args.dim, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids, spans), device, args.repeats))
+        nbytes = probs.numel() * 4 + emb.numel() * 4 + ids.numel() * 8
+        row = {
+            "size": size, "regions_per_batch": len(spans) * spans[0][1], "seconds_per_batch": seconds,
+            "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
+            "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
+        }
+        if device.type == "cuda":
+            row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
+        payload["results"].append(row)
+        print(f"{size}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch}, "
+              f"{row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.1f} GB/s effective"
+              + (f" = {row['share_of_copy_bandwidth']:.0%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
+        del pooler
         del probs, emb, ids
     write_result("pooling", payload)
 

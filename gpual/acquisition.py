@@ -227,7 +227,8 @@ def _random_stats(region_pixels: np.ndarray, device: torch.device) -> Any:
 
 class PoolBatches(Dataset):
     """Batch ``k`` of the pool, as one item: (images (B,H,W,3) uint8, region ids (B,H,W) int32
-    global; -1 = padding), host tensors.
+    global; -1 = padding, spans (B, 2) int64 (first region id, region count) per image),
+    host tensors.
 
     Images of different sizes in one batch are padded to the largest; padded pixels carry
     region id -1 and are ignored by pooling. Batches are formed from consecutive rows of
@@ -244,7 +245,7 @@ class PoolBatches(Dataset):
     def __len__(self) -> int:
         return (len(self.index) + self.batch_size - 1) // self.batch_size
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ws, scale = self.ws, self.ws.config.data.scale
         rows = self.index.iloc[k * self.batch_size : (k + 1) * self.batch_size]
         h, w = int(rows["height"].max()), int(rows["width"].max())
@@ -260,7 +261,8 @@ class PoolBatches(Dataset):
                 )
             images[i, : image.shape[0], : image.shape[1]] = image
             regions[i, : sp.shape[0], : sp.shape[1]] = sp.astype(np.int32) + np.int32(row.offset)
-        return torch.from_numpy(images), torch.from_numpy(regions)
+        spans = rows[["offset", "n_regions"]].to_numpy(np.int64)
+        return torch.from_numpy(images), torch.from_numpy(regions), torch.from_numpy(np.ascontiguousarray(spans))
 
 
 def _pool_with_teacher(
@@ -321,18 +323,17 @@ def pool_images(
     workers = ws.config.train.num_workers if loader_workers is None else loader_workers
     done = 0
     batches = Waited(host_batches(PoolBatches(ws, local, batch_size), device, workers))
-    for batch, (images, regions) in enumerate(batches, start=first_batch):
+    for batch, (images, regions, spans) in enumerate(batches, start=first_batch):
         images, regions = images.to(device, non_blocking=True), regions.to(device, non_blocking=True).long()
         clock.start()
         x = normalize(images)
         with torch.autocast(device.type, enabled=amp):
-            out = teacher(x)
+            out = teacher.forward_projection(x)  # the (B, D, h, w) map: the pooler upsamples it implicitly
         probs = torch.softmax(out["logits"].float(), dim=1)
-        embedding = out["embedding"].float()
         mc_seed = derive_seed(ws.config.acquisition.seed, MC_DROPOUT, round, batch)
         mc_probs = _mc_dropout_probs(teacher, x, mc_passes, amp, mc_seed) if mc_passes else None
         clock.mark("forward")
-        pooler.add(probs, embedding, regions, mc_probs=mc_probs)
+        pooler.add(probs, out["projection"], regions, spans.tolist(), mc_probs=mc_probs)
         clock.mark("pooling")
         done += len(images)
         if progress:
@@ -356,7 +357,7 @@ def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp:
             samples = []
             for _ in range(passes):
                 with torch.autocast(x.device.type, enabled=amp):
-                    samples.append(torch.softmax(model(x)["logits"].float(), dim=1))
+                    samples.append(torch.softmax(model.segment(x).float(), dim=1))
             return torch.stack(samples)
     finally:
         for m in dropouts:

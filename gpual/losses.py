@@ -138,7 +138,7 @@ def contrastive_loss(embedding: Tensor, logits: Tensor, labels: Tensor, bank: Me
 
     Args:
         embedding: (B, D, H, W) per-pixel embeddings, or the (B, D, h, w) map they are
-            upsampled from (``forward_train``'s projection); anchors are read with
+            upsampled from (``forward_projection``'s projection); anchors are read with
             :func:`gpual.model.embedding_at`. Gradients flow into it.
         logits: (B, C, H, W) (detached is fine: only the argmax is used, for hard anchors).
         labels: (B, H, W) int64, ``IGNORE_INDEX`` where unlabeled.

@@ -67,7 +67,7 @@ class MemoryBank:
 
         Args:
             embedding: (B, D, H, W) per-pixel embeddings, or the (B, D, h, w) map they are
-                bilinearly upsampled from (``SegmentationModel.forward_train``'s projection);
+                bilinearly upsampled from (``SegmentationModel.forward_projection``'s projection);
                 pushed vectors are :func:`gpual.model.embedding_at` of the chosen pixels.
             probs: (B, C, H, W) softmax probabilities, on the bank's device.
             labels: (B, H, W) int; values outside [0, C) (255 = unlabeled/void) are skipped.

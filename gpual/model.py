@@ -88,11 +88,12 @@ class SegmentationModel(nn.Module):
         embedding = F.interpolate(self.projection(features), size=size, mode="bilinear", align_corners=False)
         return {"logits": logits, "embedding": F.normalize(embedding, p=2.0, dim=1)}
 
-    def forward_train(self, x: Tensor) -> dict[str, Tensor]:
-        """Training outputs: ``logits`` (B, C, H, W) as in :meth:`forward`, and ``projection``
-        (B, D, h, w), the projection head's output at the backbone's resolution, not
-        normalised. ``embedding_at(projection, ...)`` gives :meth:`forward`'s embedding at
-        chosen pixels without building the (B, D, H, W) map (the bulk of a CPU step)."""
+    def forward_projection(self, x: Tensor) -> dict[str, Tensor]:
+        """``logits`` (B, C, H, W) as in :meth:`forward`, and ``projection`` (B, D, h, w), the
+        projection head's output at the backbone's resolution, not normalised: what training
+        and pool scoring read. ``embedding_at(projection, ...)`` (chosen pixels) and
+        :class:`gpual.pooling.RegionPooler` (region sums) give :meth:`forward`'s embedding
+        without building the (B, D, H, W) map (the bulk of a CPU step)."""
         size = x.shape[-2:]
         features = self.features(x)
         logits = F.interpolate(self.classifier(features), size=size, mode="bilinear", align_corners=False)
@@ -108,13 +109,25 @@ class SegmentationModel(nn.Module):
         return [m for m in self.classifier.modules() if isinstance(m, nn.Dropout)]
 
 
+def bilinear_source(dst: Tensor, n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where output coordinates ``dst`` (int tensor) read from along one axis of length
+    ``n_in`` upsampled to ``n_out``: (lo, hi) int64 source indices and the float32 weight
+    of ``hi`` (``lo`` gets 1 - weight), PyTorch's bilinear rule with align_corners=False:
+    src = (dst + 0.5) * n_in / n_out - 0.5, clamped at 0; hi = min(lo + 1, n_in - 1).
+    Same device as ``dst``."""
+    src = ((dst.to(torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
+    lo = src.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return lo, hi, src - lo.to(torch.float32)
+
+
 def embedding_at(embedding: Tensor, index: Tensor, size: tuple[int, int]) -> Tensor:
     """(n, D) L2-normalised embeddings of pixels ``index`` (flat into (B, H, W), int64).
 
     ``embedding`` (B, D, h, w) is a per-pixel map at any resolution: the values are those
     of ``F.interpolate(embedding, size, mode="bilinear", align_corners=False)`` at the
     pixels, re-normalised over D, i.e. exactly :meth:`SegmentationModel.forward`'s
-    embedding when given ``forward_train``'s projection (a plain gather when h, w = H, W).
+    embedding when given ``forward_projection``'s projection (a plain gather when h, w = H, W).
     Differentiable with respect to ``embedding``.
     """
     b, d, h, w = embedding.shape
@@ -123,15 +136,8 @@ def embedding_at(embedding: Tensor, index: Tensor, size: tuple[int, int]) -> Ten
     if (h, w) == (height, width):
         return F.normalize(embedding.reshape(b, d, h * w)[image, :, pixel].float(), p=2.0, dim=1)
 
-    def source(dst: Tensor, n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
-        # PyTorch's bilinear rule (align_corners=False): src = (dst + 0.5) * in / out - 0.5, clamped at 0.
-        src = ((dst.to(torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
-        lo = src.floor().long().clamp(max=n_in - 1)
-        hi = (lo + 1).clamp(max=n_in - 1)
-        return lo, hi, src - lo.to(torch.float32)
-
-    y0, y1, ly = source(pixel // width, h, height)
-    x0, x1, lx = source(pixel % width, w, width)
+    y0, y1, ly = bilinear_source(pixel // width, h, height)
+    x0, x1, lx = bilinear_source(pixel % width, w, width)
     base = (image * (h * w)).unsqueeze(1)
     cells = base + torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=1)  # (n, 4)
     weights = torch.stack([(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx], dim=1)

@@ -1,18 +1,23 @@
-"""Per-superpixel pooling of the teacher's per-pixel outputs (method step 2).
+"""Per-superpixel pooling of the teacher's outputs (method step 2).
 
 The teacher runs over the pool batch by batch; each batch's per-pixel probabilities and
-embeddings are folded at once into per-region sums with torch scatter ops
-(``index_add_``) on the model's device. The pooler's buffers have one row per region, so
-memory grows with the number of regions ``R``, never with the pool's pixels, and no
-value leaves the device (no host sync: padding pixels are sent to a sink row, not removed
-by boolean indexing, whose output size would have to be read back to the host).
+its projection map are folded at once into per-region sums with torch scatter ops
+(``index_add_``) and one small matrix product per image, on the model's device. The
+per-pixel embeddings (the projection map upsampled to the image and L2-normalised) are
+pooled exactly without ever being built (see :class:`RegionPooler`). The pooler's buffers
+have one row per region, so memory grows with the number of regions ``R``, never with the
+pool's pixels, and no value leaves the device (no host sync: padding pixels are sent to a
+sink row, not removed by boolean indexing, whose output size would have to be read back
+to the host).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gpual.errors import GpualError
@@ -76,6 +81,34 @@ def bald_information(mc_probs: Tensor) -> Tensor:
     return (predictive - expected).clamp_min(0.0)
 
 
+def _upsampled_norms(projection: Tensor, corner: Tensor, weight: Tensor, eps: float = 1e-12) -> Tensor:
+    """(B, H*W) norms of the bilinearly upsampled map at every pixel, floored at ``eps`` as
+    ``F.normalize`` does, from the dot products of neighbouring cells of ``projection``
+    (B, D, h, w); ``corner``/``weight``: (4, H*W) source cells (a, b, c, d: top-left,
+    top-right, bottom-left, bottom-right) and weights, as :meth:`RegionPooler.add` builds them.
+
+    ||sum_k w_k p_k||^2 = sum_k w_k^2 |p_k|^2 + 2 sum_{k<l} w_k w_l <p_k, p_l>, where b is
+    the right neighbour of a (or a itself at the last column: the map is padded by
+    repeating its last row and column, as PyTorch clamps), c the one below, d below-right.
+    """
+    b, d, h, w = projection.shape
+    padded = F.pad(projection, (0, 1, 0, 1), mode="replicate")
+    here, right = padded[:, :, :h, :w], padded[:, :, :h, 1:]
+    below, below_right = padded[:, :, 1:, :w], padded[:, :, 1:, 1:]
+
+    def dots(u: Tensor, v: Tensor) -> Tensor:
+        return (u * v).sum(1).reshape(b, h * w)
+
+    squares, across, down = dots(here, here), dots(here, right), dots(here, below)
+    diagonal, anti = dots(here, below_right), dots(right, below)
+    a, bb, c, dd = corner
+    wa, wb, wc, wd = weight
+    total = (wa * wa * squares[:, a] + wb * wb * squares[:, bb] + wc * wc * squares[:, c] + wd * wd * squares[:, dd]
+             + 2 * (wa * wb * across[:, a] + wc * wd * across[:, c] + wa * wc * down[:, a] + wb * wd * down[:, bb]
+                    + wa * wd * diagonal[:, a] + wb * wc * anti[:, a]))
+    return total.clamp_min(0.0).sqrt().clamp_min(eps)
+
+
 def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
     """The largest and second-largest probability of every pixel, as ``topk(2, dim=1)``.
 
@@ -89,27 +122,28 @@ def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
     return first.squeeze(1), second
 
 
-# How the (B, D, H, W) embeddings are folded into per-region sums (same sums, other memory
-# traffic). "pixel-major": a (B*H*W, D) transposed copy added row by row into an (R, D)
-# accumulator, so a warp's atomics hit distinct addresses (measured on an H100).
-# "channel-major": each image's (D, H*W) slice added along dim 1 of a (D, R) accumulator,
-# no copy (3.5x faster than pixel-major on the 2-core CPU, batch 8 at 180x240, D=128).
-EMBEDDING_LAYOUTS = ("pixel-major", "channel-major")
+Spans = Sequence[tuple[int, int]]
 
 
 class RegionPooler:
     """Accumulates per-region statistics over batches with torch scatter ops.
 
-    Memory: (R + 1, D + 3) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
-    whatever the pool's pixel count; row R is a sink for padding pixels. A pixel-major
-    :meth:`add` also holds one (B*H*W, D) transient copy. Float sums on CUDA use atomics,
-    so the last bits may differ from run to run.
+    Scalar statistics (entropy, margin, max probability, BALD, pixel count) are summed per
+    pixel with ``index_add_``. Embeddings never exist per pixel: a pixel's embedding is the
+    bilinear upsampling (align_corners=False) of the projection head's (D, h, w) map,
+    L2-normalised, i.e. ``sum_k w_k p_k / ||sum_k w_k p_k||`` over its four source cells
+    p_k, a linear combination of cells. So each image's region sums are ``A @ P``: ``A``
+    (regions x cells) gathers every pixel's four weights divided by its norm (scattered
+    with ``index_add_``), and the norms come from dot products between neighbouring cells
+    (the 2x2 Gram of each pixel's cells), never from the (D, H, W) map.
 
-    ``embedding_layout`` (one of EMBEDDING_LAYOUTS) defaults to pixel-major on CUDA and
-    channel-major on CPU; both give the same sums up to float rounding.
+    Memory: (R + 1, D + 3) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
+    whatever the pool's pixel count (row R collects padding), plus per image an
+    (r + 1, h * w) transient ``A`` (r = the image's regions). Float sums on CUDA use
+    atomics, so the last bits may differ from run to run.
     """
 
-    def __init__(self, n_regions: int, dim: int, device: torch.device | str, embedding_layout: str | None = None) -> None:
+    def __init__(self, n_regions: int, dim: int, device: torch.device | str) -> None:
         if n_regions <= 0:
             raise GpualError(f"cannot pool into {n_regions} regions: the superpixel index is empty; run `gpual superpixels`")
         if dim <= 0:
@@ -120,15 +154,9 @@ class RegionPooler:
         if self.device.type == "cuda" and self.device.index is None:
             # "cuda" and "cuda:0" compare unequal; pin the index the tensors will carry.
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if embedding_layout is None:
-            embedding_layout = "pixel-major" if self.device.type == "cuda" else "channel-major"
-        if embedding_layout not in EMBEDDING_LAYOUTS:
-            raise GpualError(f"embedding layout {embedding_layout!r} is not one of {', '.join(EMBEDDING_LAYOUTS)}", 2)
-        self.embedding_layout = embedding_layout
         slots = n_regions + 1  # the last one collects padding and is never read
         f32 = dict(dtype=torch.float32, device=self.device)
-        shape = (slots, dim) if embedding_layout == "pixel-major" else (dim, slots)
-        self._embedding = torch.zeros(shape, **f32)
+        self._embedding = torch.zeros(slots, dim, **f32)
         self._entropy = torch.zeros(slots, **f32)
         self._margin = torch.zeros(slots, **f32)
         self._maxprob = torch.zeros(slots, **f32)
@@ -136,23 +164,27 @@ class RegionPooler:
         self._bald: Tensor | None = None
         self._batches = 0
 
-    def add(self, probs: Tensor, embedding: Tensor, region_ids: Tensor, mc_probs: Tensor | None = None) -> None:
+    def add(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None = None) -> None:
         """Fold one batch into the per-region sums.
 
         Args:
             probs: (B, C, H, W) softmax probabilities, C >= 2.
-            embedding: (B, D, H, W) per-pixel embeddings (unit-normalised by the model).
+            projection: (B, D, h, w) the projection head's map at any resolution (its
+                bilinear upsampling to (H, W), L2-normalised over D, is each pixel's
+                embedding, as :meth:`gpual.model.SegmentationModel.forward` computes it);
+                at (H, W) it is each pixel's embedding before normalisation.
             region_ids: (B, H, W) int64 global region ids (image offset + local superpixel
                 id); -1 marks padding, which is ignored.
+            spans: per image, host ints (first region id, region count): image b's ids lie
+                in [first, first + count) (or are -1).
             mc_probs: (T, B, C, H, W) probabilities of T Monte-Carlo dropout passes, for
                 BALD; give it for every batch or for none.
 
-        All on the pooler's device. Ids must lie in [-1, R): on CPU a violation raises
-        :class:`GpualError`; on CUDA the check would need a host sync, so it is left to
-        ``index_add_``'s device-side bounds assertion.
+        Tensors on the pooler's device. On CPU, ids outside their image's span raise
+        :class:`GpualError`; on CUDA the check would need a host sync, so it is not made
+        (the superpixel cache is checked against its index when it is read).
         """
-        self._check(probs, embedding, region_ids, mc_probs)
-        b, _, h, w = probs.shape
+        self._check(probs, projection, region_ids, spans, mc_probs)
         # Padding pixels go to the sink row R: no masking, no boolean indexing, no sync.
         index = torch.where(region_ids >= 0, region_ids, self.n_regions).reshape(-1)
 
@@ -162,15 +194,7 @@ class RegionPooler:
         self._maxprob.index_add_(0, index, first.reshape(-1))
         self._margin.index_add_(0, index, (first - second).reshape(-1))
         self._pixels.index_add_(0, index, torch.ones_like(index))
-
-        if self.embedding_layout == "pixel-major":
-            rows = embedding.float().reshape(b, self.dim, h * w).transpose(1, 2).reshape(-1, self.dim)  # a copy
-            self._embedding.index_add_(0, index, rows)
-            del rows
-        else:
-            per_image = index.view(b, h * w)
-            for i in range(b):
-                self._embedding.index_add_(1, per_image[i], embedding[i].reshape(self.dim, h * w).float())
+        self._add_embeddings(projection.float(), region_ids, spans)
 
         if mc_probs is not None:
             if self._bald is None:
@@ -178,21 +202,43 @@ class RegionPooler:
             self._bald.index_add_(0, index, bald_information(mc_probs.float()).reshape(-1))
         self._batches += 1
 
-    def _check(self, probs: Tensor, embedding: Tensor, region_ids: Tensor, mc_probs: Tensor | None) -> None:
+    def _add_embeddings(self, projection: Tensor, region_ids: Tensor, spans: Spans) -> None:
+        """Region sums of the normalised, upsampled embeddings, as ``A @ P`` per image."""
+        from gpual.model import bilinear_source
+
+        b, d, h, w = projection.shape
+        height, width = region_ids.shape[-2:]
+        cells = h * w
+        y0, y1, ly = bilinear_source(torch.arange(height, device=self.device), h, height)
+        x0, x1, lx = bilinear_source(torch.arange(width, device=self.device), w, width)
+        # The four source cells of every pixel (a, b above; c, d below) and their weights: (4, H*W).
+        corner = torch.stack([(y0 * w)[:, None] + x0, (y0 * w)[:, None] + x1, (y1 * w)[:, None] + x0,
+                              (y1 * w)[:, None] + x1]).reshape(4, -1)
+        weight = torch.stack([(1 - ly)[:, None] * (1 - lx), (1 - ly)[:, None] * lx, ly[:, None] * (1 - lx),
+                              ly[:, None] * lx]).reshape(4, -1)
+        norm = _upsampled_norms(projection, corner, weight)  # (B, H*W)
+        flat = projection.reshape(b, d, cells)
+        for i, (start, count) in enumerate(spans):
+            local = torch.where(region_ids[i] >= 0, region_ids[i] - start, count).reshape(1, -1)
+            keys = (local * cells + corner).reshape(-1)  # (4 * H*W,) into the (count + 1, cells) A
+            a = torch.zeros((count + 1) * cells, dtype=torch.float32, device=self.device)
+            a.index_add_(0, keys, (weight / norm[i]).reshape(-1))
+            self._embedding[start : start + count].add_(a.view(count + 1, cells)[:count] @ flat[i].T)
+
+    def _check(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None) -> None:
         """Shapes, dtypes and devices (metadata only: nothing is read from the device)."""
         if probs.ndim != 4 or probs.shape[1] < 2:
             raise GpualError(f"pooling expects probabilities (B, C>=2, H, W), got shape {tuple(probs.shape)}")
         b, _, h, w = probs.shape
-        if tuple(embedding.shape) != (b, self.dim, h, w):
-            raise GpualError(
-                f"pooling expects embeddings of shape {(b, self.dim, h, w)} (same batch and size as the probabilities), "
-                f"got {tuple(embedding.shape)}: upsample the projection head's output to the logits' size"
-            )
+        if projection.ndim != 4 or tuple(projection.shape[:2]) != (b, self.dim):
+            raise GpualError(f"pooling expects a projection map of shape ({b}, {self.dim}, h, w), got {tuple(projection.shape)}")
+        if len(spans) != b:
+            raise GpualError(f"pooling expects one (first region, count) span per image: {b} images, {len(spans)} spans")
         if tuple(region_ids.shape) != (b, h, w) or region_ids.dtype != torch.int64:
             raise GpualError(
                 f"pooling expects int64 region ids of shape {(b, h, w)}, got {region_ids.dtype} {tuple(region_ids.shape)}"
             )
-        for name, t in (("probabilities", probs), ("embeddings", embedding), ("region ids", region_ids)):
+        for name, t in (("probabilities", probs), ("projection", projection), ("region ids", region_ids)):
             if t.device != self.device:
                 raise GpualError(f"pooling: {name} are on {t.device} but the pooler is on {self.device}: move them first")
         if mc_probs is not None:
@@ -204,13 +250,19 @@ class RegionPooler:
                 raise GpualError(f"pooling: MC-dropout probabilities are on {mc_probs.device}, the pooler on {self.device}")
         if self._batches and (mc_probs is None) != (self._bald is None):
             raise GpualError("pooling: MC-dropout probabilities must be given for every batch or for none (BALD)")
-        if self.device.type == "cpu" and region_ids.numel():
-            low, high = int(region_ids.min()), int(region_ids.max())  # host tensors: no device sync
-            if low < -1 or high >= self.n_regions:
-                raise GpualError(
-                    f"region ids span [{low}, {high}] but the pool has {self.n_regions} regions (ids -1..{self.n_regions - 1}): "
-                    "the superpixel index and the cached maps disagree; run `gpual superpixels` again"
-                )
+        for start, count in spans:
+            if start < 0 or count < 0 or start + count > self.n_regions:
+                raise GpualError(f"pooling: span ({start}, {count}) lies outside the pool's {self.n_regions} regions")
+        if self.device.type == "cpu":  # host tensors: no device sync
+            for ids, (start, count) in zip(region_ids, spans):
+                valid = ids[ids >= 0]
+                if valid.numel() and (int(valid.min()) < start or int(valid.max()) >= start + count):
+                    raise GpualError(
+                        f"region ids span [{int(valid.min())}, {int(valid.max())}] but the image's regions are "
+                        f"{start}..{start + count - 1}: the superpixel index and the cached maps disagree; run `gpual superpixels` again"
+                    )
+                if int(ids.min()) < -1:
+                    raise GpualError(f"region id {int(ids.min())}: ids are -1 (padding) or a region's: run `gpual superpixels` again")
 
     def result(self) -> RegionStats:
         """Means and re-normalised embeddings from the sums (new tensors; the pooler can keep adding)."""
@@ -218,8 +270,7 @@ class RegionPooler:
         pixels = self._pixels[:r]
         empty = pixels == 0
         denom = pixels.to(torch.float32).clamp_min(1.0)
-        sums = self._embedding[:r] if self.embedding_layout == "pixel-major" else self._embedding[:, :r].T.contiguous()
-        mean = sums / denom.unsqueeze(1)  # (R, D) row-major
+        mean = self._embedding[:r] / denom.unsqueeze(1)
         # normalize divides by max(norm, eps): a zero mean (empty region) stays zero.
         embedding = torch.nn.functional.normalize(mean, p=2.0, dim=1, eps=1e-12)
         one = torch.ones((), dtype=torch.float32, device=self.device)

@@ -28,15 +28,13 @@ from torch import Tensor
 
 from gpual.backend import Backend
 from gpual.clustering import kmeans_labels
-from gpual.config import STRATEGIES, KMeansConfig, UmapConfig
+from gpual.config import REGION_SCORES, STRATEGIES, KMeansConfig, UmapConfig
 from gpual.embedding import umap_embed
 from gpual.errors import GpualError
 from gpual.pooling import RegionStats
 from gpual.ranking import select_per_cluster, top_k
 
 STRATEGY_NAMES = STRATEGIES  # one list, in gpual.config (validated there)
-REGION_SCORES = ("sum", "mean")
-
 # Largest (candidates x labeled centres) distance block coreset holds at once (floats).
 _CORESET_BLOCK = 1 << 24
 

@@ -245,7 +245,7 @@ def train_step(t: Trainer, images: torch.Tensor, targets: torch.Tensor, generato
     cfg = t.config
     x = normalize(images)
     with torch.autocast(x.device.type, dtype=torch.float16, enabled=t.amp):
-        out = t.student.forward_train(x)
+        out = t.student.forward_projection(x)
     logits, projection = out["logits"].float(), out["projection"].float()  # losses in float32
     ce = cross_entropy(logits, targets)
     nce, anchors = ce.new_zeros(()), 0  # lambda = 0 is the no-contrastive ablation: skip the sampling

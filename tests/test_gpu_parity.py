@@ -32,7 +32,7 @@ import torch
 
 from gpual.backend import Backend, cpu_backend, get_backend
 from gpual.config import KMeansConfig, UmapConfig
-from gpual.pooling import EMBEDDING_LAYOUTS, RegionPooler, RegionStats
+from gpual.pooling import RegionPooler, RegionStats
 from gpual.ranking import cluster_argmax, select_per_cluster, top_k
 from gpual.strategies import select_regions
 
@@ -51,18 +51,17 @@ def _batches(seed: int, n_regions: int = 120, d: int = 16, c: int = 6) -> list[t
     out = []
     for _ in range(3):
         probs = torch.softmax(3 * torch.randn(2, c, 24, 20, generator=g), dim=1)
-        emb = torch.nn.functional.normalize(torch.randn(2, d, 24, 20, generator=g), dim=1)
+        emb = torch.randn(2, d, 6, 5, generator=g)  # a projection map at output stride 4
         ids = torch.randint(-1, n_regions, (2, 24, 20), generator=g)
         mc = torch.softmax(3 * torch.randn(3, 2, c, 24, 20, generator=g), dim=2)
         out.append((probs, emb, ids, mc))
     return out
 
 
-def _pool(batches: list[tuple[torch.Tensor, ...]], device: torch.device, n_regions: int = 120, d: int = 16,
-          layout: str | None = None) -> RegionStats:
-    pooler = RegionPooler(n_regions, d, device, embedding_layout=layout)
+def _pool(batches: list[tuple[torch.Tensor, ...]], device: torch.device, n_regions: int = 120, d: int = 16) -> RegionStats:
+    pooler = RegionPooler(n_regions, d, device)
     for probs, emb, ids, mc in batches:
-        pooler.add(probs.to(device), emb.to(device), ids.to(device), mc_probs=mc.to(device))
+        pooler.add(probs.to(device), emb.to(device), ids.to(device), [(0, n_regions)] * len(ids), mc_probs=mc.to(device))
     return pooler.result()
 
 
@@ -119,11 +118,10 @@ def test_guard_catches_host_copies(cuda: Backend) -> None:
             bool(cupy.ones(3).any())
 
 
-@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
-def test_pooling_parity(cuda: Backend, layout: str) -> None:
+def test_pooling_parity(cuda: Backend) -> None:
     batches = _batches(0)
     cpu_stats = _pool(batches, torch.device("cpu"))
-    gpu_stats = _pool(batches, cuda.device, layout=layout)
+    gpu_stats = _pool(batches, cuda.device)
     for key, value in cpu_stats.__dict__.items():
         torch.testing.assert_close(getattr(gpu_stats, key).cpu(), value, rtol=1e-5, atol=1e-4, msg=key)
 
@@ -167,15 +165,10 @@ def test_selection_parity_and_no_host_copy(cuda: Backend) -> None:
 
 def test_pooling_makes_no_host_copy(cuda: Backend) -> None:
     batches = [tuple(t.to(cuda.device) for t in batch) for batch in _batches(2)]
-    for layout in EMBEDDING_LAYOUTS:
-        _pool_without_host_copies(cuda, batches, layout)
-
-
-def _pool_without_host_copies(cuda: Backend, batches: list[tuple[torch.Tensor, ...]], layout: str) -> None:
-    pooler = RegionPooler(120, 16, cuda.device, embedding_layout=layout)
+    pooler = RegionPooler(120, 16, cuda.device)
     with forbid_host_copies(cuda):
         for probs, emb, ids, mc in batches:
-            pooler.add(probs, emb, ids, mc_probs=mc)
+            pooler.add(probs, emb, ids, [(0, 120)] * len(ids), mc_probs=mc)
         stats = pooler.result()
     assert stats.embedding.is_cuda and stats.bald is not None
 

@@ -54,7 +54,7 @@ def test_embedding_at_equals_forward_embedding() -> None:
     x = normalize(_images(2, 40, 56, seed=1))
     with torch.no_grad():
         full = model(x)["embedding"]
-        train = model.forward_train(x)
+        train = model.forward_projection(x)
     index = torch.randint(0, 2 * 40 * 56, (300,), generator=torch.Generator().manual_seed(0))
     expected = full.permute(0, 2, 3, 1).reshape(-1, 8)[index]
     assert torch.allclose(embedding_at(train["projection"], index, (40, 56)), expected, atol=1e-5)

@@ -6,15 +6,17 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpual.errors import GpualError
-from gpual.pooling import EMBEDDING_LAYOUTS, RegionPooler, bald_information, pixel_entropy
+from gpual.pooling import RegionPooler, bald_information, pixel_entropy
 
 
 def _batch(g: torch.Generator, regions_per_image: list[int], offsets: list[int], c: int, d: int, h: int, w: int,
            mc: int = 0) -> tuple[torch.Tensor, ...]:
     """Random probabilities/embeddings and global region ids (image offset + local id),
-    with the bottom rows of the last image padded (-1) as a batch of unequal images is."""
+    with the bottom rows of the last image padded (-1) as a batch of unequal images is.
+    The pooler's spans are ``list(zip(offsets, regions_per_image))``."""
     b = len(regions_per_image)
     probs = torch.softmax(3 * torch.randn(b, c, h, w, generator=g), dim=1)
     emb = torch.nn.functional.normalize(torch.randn(b, d, h, w, generator=g), dim=1)
@@ -64,20 +66,27 @@ def _naive(batches: list[tuple[torch.Tensor, ...]], n_regions: int, d: int) -> d
     return out
 
 
-@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
-def test_pooler_matches_naive_loop_over_batches_with_global_offsets(layout: str) -> None:
+# None: the embeddings come at the image's size; else the (h, w) of a projection map the
+# pooler upsamples (downsampled by 4, by a ratio that is not an integer, or not at all).
+@pytest.mark.parametrize("projection_size", [None, (3, 3), (5, 4), (12, 10)])
+def test_pooler_matches_naive_loop_over_batches_with_global_offsets(projection_size) -> None:
     g = torch.Generator().manual_seed(0)
     c, d, h, w = 5, 8, 12, 10
     # 5 images of 7, 9, 6, 11, 8 regions in batches of 2, 2, 1; one region id left unused.
     sizes = [7, 9, 6, 11, 8]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     n_regions = sum(sizes) + 1
-    pooler = RegionPooler(n_regions, d, "cpu", embedding_layout=layout)
+    pooler = RegionPooler(n_regions, d, "cpu")
     batches = []
     for lo, hi in ((0, 2), (2, 4), (4, 5)):
-        batch = _batch(g, sizes[lo:hi], offsets[lo:hi], c, d, h, w, mc=3)
-        pooler.add(*batch[:3], mc_probs=batch[3])
-        batches.append(batch)
+        probs, emb, ids, mc = _batch(g, sizes[lo:hi], offsets[lo:hi], c, d, h, w, mc=3)
+        if projection_size is not None:
+            # What the model does: upsample the projection head's map, then normalise each pixel.
+            projection = torch.randn(hi - lo, d, *projection_size, generator=g)
+            emb = F.normalize(F.interpolate(projection, size=(h, w), mode="bilinear", align_corners=False), dim=1)
+        pooler.add(probs, emb if projection_size is None else projection, ids, list(zip(offsets[lo:hi], sizes[lo:hi])),
+                   mc_probs=mc)
+        batches.append((probs, emb, ids, mc))
     got = pooler.result()
     want = _naive(batches, n_regions, d)
 
@@ -93,15 +102,14 @@ def test_pooler_matches_naive_loop_over_batches_with_global_offsets(layout: str)
     assert int(got.pixels.sum()) == 5 * h * w - 3 * 2 * w
 
 
-@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
-def test_padding_only_batch_changes_nothing(layout: str) -> None:
+def test_padding_only_batch_changes_nothing() -> None:
     g = torch.Generator().manual_seed(1)
-    pooler = RegionPooler(6, 4, "cpu", embedding_layout=layout)
+    pooler = RegionPooler(6, 4, "cpu")
     probs, emb, ids, _ = _batch(g, [6], [0], 3, 4, 5, 5)
-    pooler.add(probs, emb, ids)
+    pooler.add(probs, emb, ids, [(0, 6)])
     before = pooler.result()
     pad_probs, pad_emb, _, _ = _batch(g, [6], [0], 3, 4, 5, 5)
-    pooler.add(pad_probs, 100 * pad_emb, torch.full((1, 5, 5), -1, dtype=torch.int64))
+    pooler.add(pad_probs, 100 * pad_emb, torch.full((1, 5, 5), -1, dtype=torch.int64), [(0, 6)])
     after = pooler.result()
     for key in ("embedding", "entropy_sum", "margin_mean", "maxprob_mean", "pixels"):
         assert torch.equal(getattr(before, key), getattr(after, key)), key
@@ -114,7 +122,7 @@ def test_renormalised_mean_and_empty_regions() -> None:
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)
     ids = torch.zeros(1, 1, 2, dtype=torch.int64)
     pooler = RegionPooler(2, 2, "cpu")
-    pooler.add(probs, emb, ids)
+    pooler.add(probs, emb, ids, [(0, 2)])
     stats = pooler.result()
     s = 1 / math.sqrt(2)
     torch.testing.assert_close(stats.embedding, torch.tensor([[s, s], [0.0, 0.0]]))
@@ -143,7 +151,7 @@ def test_bald_hand_case() -> None:
     torch.testing.assert_close(bald_information(mc), torch.tensor([[[1.0, 0.0, h_c]]]))
     # Region 0 = pixels a, b; region 1 = pixel c.
     pooler = RegionPooler(2, 1, "cpu")
-    pooler.add(mc.mean(0), torch.ones(1, 1, 1, 3), torch.tensor([[[0, 0, 1]]]), mc_probs=mc)
+    pooler.add(mc.mean(0), torch.ones(1, 1, 1, 3), torch.tensor([[[0, 0, 1]]]), [(0, 2)], mc_probs=mc)
     torch.testing.assert_close(pooler.result().bald, torch.tensor([1.0, h_c]))
 
 
@@ -154,7 +162,7 @@ def test_buffers_grow_with_regions_not_pixels() -> None:
     sizes_before = None
     for side in (4, 16, 48):  # 16 -> 2304 pixels per image
         probs, emb, ids, mc = _batch(g, [n_regions], [0], 3, d, side, side, mc=2)
-        pooler.add(probs, emb, ids, mc_probs=mc)
+        pooler.add(probs, emb, ids, [(0, n_regions)], mc_probs=mc)
         sizes = {k: (tuple(v.shape), v.untyped_storage().nbytes()) for k, v in pooler.buffers().items()}
         # One slot per region plus the padding sink; the embedding has D of them.
         assert all(math.prod(shape) == (n_regions + 1) * (d if k == "embedding" else 1) for k, (shape, _) in sizes.items())
@@ -169,34 +177,55 @@ def test_bad_inputs_raise_gpual_errors() -> None:
     probs = torch.full((1, 2, 2, 2), 0.5)
     emb = torch.zeros(1, 3, 2, 2)
     ids = torch.zeros(1, 2, 2, dtype=torch.int64)
-    with pytest.raises(GpualError, match="embeddings of shape"):
-        pooler.add(probs, torch.zeros(1, 3, 1, 1), ids)
+    span = [(0, 4)]
+    with pytest.raises(GpualError, match="projection map of shape"):
+        pooler.add(probs, torch.zeros(1, 4, 1, 1), ids, span)
     with pytest.raises(GpualError, match="int64 region ids"):
-        pooler.add(probs, emb, ids.int())
-    with pytest.raises(GpualError, match="4 regions"):
-        pooler.add(probs, emb, ids + 4)
+        pooler.add(probs, emb, ids.int(), span)
+    with pytest.raises(GpualError, match="outside the pool's 4 regions"):
+        pooler.add(probs, emb, ids + 4, [(4, 1)])
+    with pytest.raises(GpualError, match="the image's regions are 0..3"):
+        pooler.add(probs, emb, ids + 4, span)
+    with pytest.raises(GpualError, match="the image's regions are 1..2"):
+        pooler.add(probs, emb, ids, [(1, 2)])
+    with pytest.raises(GpualError, match="one .* span per image"):
+        pooler.add(probs, emb, ids, span * 2)
     with pytest.raises(GpualError, match="C>=2"):
-        pooler.add(torch.ones(1, 1, 2, 2), emb, ids)
-    pooler.add(probs, emb, ids)
+        pooler.add(torch.ones(1, 1, 2, 2), emb, ids, span)
+    pooler.add(probs, emb, ids, span)
     with pytest.raises(GpualError, match="every batch or for none"):
-        pooler.add(probs, emb, ids, mc_probs=torch.stack([probs, probs]))
+        pooler.add(probs, emb, ids, span, mc_probs=torch.stack([probs, probs]))
     with pytest.raises(GpualError, match="regions"):
         RegionPooler(0, 3, "cpu")
-    assert RegionPooler(4, 3, "cpu").embedding_layout == "channel-major"  # the faster one on CPU
-    with pytest.raises(GpualError, match="embedding layout 'rows'"):
-        RegionPooler(4, 3, "cpu", embedding_layout="rows")
 
 
-@pytest.mark.parametrize("layout", EMBEDDING_LAYOUTS)
-def test_add_leaves_the_callers_tensors_untouched(layout: str) -> None:
-    # D = 1 makes the pixel-major transpose a no-op view: nothing may be written into
-    # the caller's embedding.
+def test_add_leaves_the_callers_tensors_untouched() -> None:
     emb = torch.ones(1, 1, 1, 3)
     probs = torch.full((1, 2, 1, 3), 0.5)
-    pooler = RegionPooler(2, 1, "cpu", embedding_layout=layout)
-    pooler.add(probs, emb, torch.tensor([[[0, -1, 1]]]))
+    pooler = RegionPooler(2, 1, "cpu")
+    pooler.add(probs, emb, torch.tensor([[[0, -1, 1]]]), [(0, 2)])
     assert torch.equal(emb, torch.ones(1, 1, 1, 3)) and torch.equal(probs, torch.full((1, 2, 1, 3), 0.5))
     torch.testing.assert_close(pooler.result().pixels, torch.tensor([1, 1]))
+
+
+def test_pooled_embedding_of_a_model_equals_pooling_its_full_resolution_embedding() -> None:
+    """The projection map pooled directly gives what pooling ``forward``'s (B, D, H, W)
+    normalised embedding gives, for a real network at output stride 8."""
+    from gpual.config import ModelConfig
+    from gpual.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", projection_dim=16), 4).eval()
+    x = torch.randn(2, 3, 45, 61)
+    ids = torch.stack([(torch.arange(45)[:, None] // 7) * 9 + torch.arange(61)[None] // 7 + 63 * i for i in range(2)])
+    with torch.no_grad():
+        full, maps = model(x), model.forward_projection(x)
+    probs = torch.softmax(full["logits"], 1)
+    direct, reference = RegionPooler(126, 16, "cpu"), RegionPooler(126, 16, "cpu")
+    direct.add(probs, maps["projection"], ids, [(0, 63), (63, 63)])
+    reference.add(probs, full["embedding"], ids, [(0, 63), (63, 63)])
+    assert maps["projection"].shape[-2:] == (6, 8)
+    torch.testing.assert_close(direct.result().embedding, reference.result().embedding, rtol=1e-5, atol=1e-5)
 
 
 def test_top_two_equals_topk_ties_included() -> None:
