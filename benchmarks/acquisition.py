@@ -312,8 +312,9 @@ def main() -> None:
             for c in sweep["cpu"] for g in sweep["cuda"] if c["regions"] == g["regions"]
         ]
     path = write_result("acquisition", payload)
-    plot(sweep, path.with_suffix(".png"))
-    print(f"plot: {path.with_suffix('.png')}")
+    if any(sweep.values()):
+        plot(sweep, path.with_suffix(".png"))
+        print(f"plot: {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
