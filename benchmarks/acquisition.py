@@ -267,6 +267,8 @@ def main() -> None:
     parser.add_argument("--kmeans-init", default="default", help="sweep: kmeans.init (default, k-means++, random)")
     parser.add_argument("--kmeans-max-iter", type=int, default=KMeansConfig.max_iter, help="sweep: kmeans.max_iter")
     parser.add_argument("--kmeans-tol", type=float, default=KMeansConfig.tol, help="sweep: kmeans.tol")
+    parser.add_argument("--kmeans-levels", type=int, default=KMeansConfig.levels, choices=(1, 2),
+                        help="sweep: kmeans.levels (2: coarse groups, then each group's share of the k clusters)")
     parser.add_argument("--dask", help="comma-separated Dask worker counts (CPU workers or GPUs): the scaling benchmark")
     parser.add_argument("--dask-images", type=int, default=32, help="pool images of the synthetic workspace (no --workspace)")
     parser.add_argument("--dask-out", type=Path, default=Path("/tmp/gpual-bench-dask"), help="where the synthetic workspace goes")
@@ -287,7 +289,7 @@ def main() -> None:
         write_result("acquisition", payload)
         return
 
-    kmeans_cfg = KMeansConfig(init=args.kmeans_init, max_iter=args.kmeans_max_iter, tol=args.kmeans_tol)
+    kmeans_cfg = KMeansConfig(init=args.kmeans_init, max_iter=args.kmeans_max_iter, tol=args.kmeans_tol, levels=args.kmeans_levels)
     devices = ["cpu", "cuda"] if args.device == "both" else [args.device]
     backends = {d: get_backend(d) for d in devices}
     payload: dict[str, Any] = {"backend": "-vs-".join(reversed(devices)), "machine": machine_info(), "strategy": args.strategy,

@@ -1,16 +1,23 @@
 """KMeans stage (method step 4): k = the round's budget clusters over the candidates.
 
 cuML's KMeans on CuPy arrays (GPU) or scikit-learn's on NumPy arrays (CPU), same
-arguments; the labels stay in the backend's namespace.
+arguments; the labels stay in the backend's namespace. ``kmeans.levels = 2`` clusters in
+two levels (coarse groups, then each group into its share of the k clusters) for pools
+where one KMeans with k = budget costs too much (n * k distance evaluations per iteration).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from gpual.backend import Backend
 from gpual.config import KMeansConfig
 from gpual.errors import GpualError
+from gpual.ranking import stable_argsort
 
 
 def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
@@ -22,10 +29,12 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
         points: ``xp`` (R, d) float array, R candidate regions (UMAP points or raw
             pooled embeddings).
         k: number of clusters = the round's budget in regions.
-        cfg: max_iter, n_init, random_state, tol, init ("default" leaves the library's own).
+        cfg: max_iter, n_init, random_state, tol, init ("default" leaves the library's own),
+            levels (1: one KMeans; 2: see :func:`two_level_labels`).
         fit_predict: ``fit_predict(points, kmeans_params) -> labels`` instead of the
             backend's estimator (the Dask scale-out,
-            :meth:`gpual.distributed.DaskCluster.kmeans_fit_predict`).
+            :meth:`gpual.distributed.DaskCluster.kmeans_fit_predict`); with two levels,
+            for the first level only (the groups are small).
 
     Returns:
         ``xp`` (R,) int64 cluster label in [0, k) per region, on the backend's device.
@@ -48,10 +57,70 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
         raise GpualError(
             f"config kmeans.max_iter = {cfg.max_iter} and kmeans.n_init = {cfg.n_init} must be at least 1: fix them in gpual.toml"
         )
+    if cfg.levels == 2:
+        return two_level_labels(backend, x, k, cfg, fit_predict)
+    return _fit_predict(backend, x, k, cfg, fit_predict)
+
+
+def two_level_labels(backend: Backend, x: Any, k: int, cfg: KMeansConfig,
+                     fit_predict: Callable[[Any, dict[str, Any]], Any] | None = None) -> Any:
+    """``k`` clusters of ``x`` ((R, d) float32 ``xp``) in two levels; (R,) int64 labels.
+
+    KMeans first splits the points into g = round(sqrt(k)) groups; group j (n_j points)
+    then gets k_j clusters of its own (:func:`group_shares`: in proportion to n_j, at least
+    one, at most n_j, summing to k), numbered after the previous groups'. Per iteration
+    that is about n * (g + k / g) = 2 n sqrt(k) distance evaluations instead of n * k. One
+    small device-to-host copy (the g group sizes) decides the shares.
+    """
+    xp = backend.xp
+    groups = max(1, min(k, round(math.sqrt(k))))
+    coarse = _fit_predict(backend, x, groups, cfg, fit_predict)
+    sizes = backend.to_host(xp.bincount(coarse, minlength=groups)).astype(np.int64)
+    shares = group_shares(k, sizes)
+    order = stable_argsort(coarse)  # members of group 0, then group 1, ...
+    labels = xp.empty(x.shape[0], dtype=xp.int64)
+    start, first_label = 0, 0
+    for j, (size, share) in enumerate(zip(sizes.tolist(), shares.tolist())):
+        members = order[start : start + size]
+        start += size
+        if size == 0:
+            continue
+        if share == size:  # as many clusters as points: each its own
+            local = xp.arange(size, dtype=xp.int64)
+        elif share == 1:
+            local = xp.zeros(size, dtype=xp.int64)
+        else:
+            local = _fit_predict(backend, xp.take(x, members, axis=0), share,
+                                 dataclasses.replace(cfg, random_state=cfg.random_state + 1 + j), None)
+        labels[members] = local + first_label
+        first_label += share
+    return labels
+
+
+def group_shares(k: int, sizes: np.ndarray) -> np.ndarray:
+    """Clusters per group: (G,) int64 summing to ``k``, 0 for empty groups, else between 1
+    and the group's size, otherwise in proportion to the sizes (largest remainders first;
+    ties to the lower group). Needs sum(sizes) >= k >= the number of non-empty groups."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    shares = (sizes > 0).astype(np.int64)
+    if not shares.sum() <= k <= sizes.sum():
+        raise ValueError(f"cannot split {k} clusters over groups of sizes {sizes.tolist()}")
+    ideal = (k - shares.sum()) * sizes / sizes.sum()  # what is left after one each, pro rata
+    shares += np.minimum(np.floor(ideal).astype(np.int64), sizes - shares)
+    while shares.sum() < k:  # hand out the rest by largest remainder, where a group has room
+        room = shares < sizes
+        remainder = np.where(room, ideal - (shares - (sizes > 0)), -np.inf)
+        take = np.argsort(-remainder, kind="stable")[: min(int(k - shares.sum()), int(room.sum()))]
+        shares[take] += 1
+    return shares
+
+
+def _fit_predict(backend: Backend, x: Any, k: int, cfg: KMeansConfig,
+                 fit_predict: Callable[[Any, dict[str, Any]], Any] | None) -> Any:
     params: dict[str, Any] = dict(n_clusters=k, max_iter=cfg.max_iter, n_init=cfg.n_init, random_state=cfg.random_state,
                                   tol=cfg.tol)
     if cfg.init != "default":
         params["init"] = cfg.init
     labels = fit_predict(x, params) if fit_predict is not None else backend.kmeans(**params).fit_predict(x)
     # scikit-learn gives int32 NumPy, cuML (output_type="cupy") int32 CuPy.
-    return xp.asarray(labels).astype(xp.int64)
+    return backend.xp.asarray(labels).astype(backend.xp.int64)

@@ -142,6 +142,11 @@ class KMeansConfig:
     # Convergence tolerance as each library defines it (scikit-learn: centre movement
     # relative to the data's variance; cuML: relative change of the inertia); 1e-4 is both defaults.
     tol: float = 1e-4
+    # 1: one KMeans with k = the budget (the method). 2: KMeans into about sqrt(k) groups,
+    # then each group into its share of the k clusters (in proportion to its regions, at
+    # least one): an approximation of the flat clustering whose cost grows with
+    # n * sqrt(k) instead of n * k, for pools of millions of regions.
+    levels: int = 1
 
 
 @dataclass
@@ -193,6 +198,8 @@ class Config:
         for key, (value, low) in at_least.items():
             if value < low:
                 raise GpualError(f"config {key} = {value} must be at least {low}: fix it in gpual.toml")
+        if self.kmeans.levels not in (1, 2):
+            raise GpualError(f"config kmeans.levels = {self.kmeans.levels} is not 1 or 2: fix it in gpual.toml", 2)
         if self.kmeans.tol < 0:
             raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml")
         if not 0.0 <= self.train.ema_decay <= 1.0:

@@ -52,6 +52,7 @@ def test_partial_file_takes_defaults(tmp_path) -> None:
         ("[kmeans]\nn_init = 0\n", "kmeans.n_init = 0 must be at least 1"),
         ("[kmeans]\ninit = 'grid'\n", "kmeans.init = 'grid' is not one of default, k-means"),
         ("[kmeans]\ntol = -1.0\n", "kmeans.tol = -1.0 must not be negative"),
+        ("[kmeans]\nlevels = 3\n", "kmeans.levels = 3 is not 1 or 2"),
         ("[train\n", "not valid TOML"),
     ],
 )
