@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpual import atomic
@@ -78,3 +79,13 @@ def test_existing_workspace_made_with_other_settings_is_refused(tmp_path: Path) 
         al_curve.open_or_create(tmp_path / "ws", other)
     # The full-supervision base ignores what it never reads.
     assert al_curve.open_or_create(tmp_path / "ws", make_config("demo"), skip=al_curve.RUN_ONLY_SECTIONS).root == ws.root
+
+
+def test_kmeans_levels_inertia_is_the_squared_distance_to_cluster_means() -> None:
+    from gpual.backend import get_backend
+
+    bench = _load("kmeans_levels")
+    points = bench.blobs(500, 5)
+    labels = np.random.default_rng(0).integers(0, 8, 500)
+    want = sum(float(((points[labels == j] - points[labels == j].mean(0)) ** 2).sum()) for j in range(8))
+    assert bench.inertia(get_backend("cpu"), points, labels, 8) == pytest.approx(want, rel=1e-6)
