@@ -138,8 +138,8 @@ class RegionPooler:
     (the 2x2 Gram of each pixel's cells), never from the (D, H, W) map.
 
     Memory: (R + 1, D + 3) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
-    whatever the pool's pixel count (row R collects padding), plus per image an
-    (r + 1, h * w) transient ``A`` (r = the image's regions). Float sums on CUDA use
+    whatever the pool's pixel count (row R collects padding), plus per batch a
+    (B, r + 1, h * w) transient ``A`` (r = the most regions of an image in the batch). Float sums on CUDA use
     atomics, so the last bits may differ from run to run.
     """
 
@@ -203,7 +203,8 @@ class RegionPooler:
         self._batches += 1
 
     def _add_embeddings(self, projection: Tensor, region_ids: Tensor, spans: Spans) -> None:
-        """Region sums of the normalised, upsampled embeddings, as ``A @ P`` per image."""
+        """Region sums of the normalised, upsampled embeddings, as ``A @ P`` per image, all
+        images in one batched product."""
         from gpual.model import bilinear_source
 
         b, d, h, w = projection.shape
@@ -217,13 +218,21 @@ class RegionPooler:
         weight = torch.stack([(1 - ly)[:, None] * (1 - lx), (1 - ly)[:, None] * lx, ly[:, None] * (1 - lx),
                               ly[:, None] * lx]).reshape(4, -1)
         norm = _upsampled_norms(projection, corner, weight)  # (B, H*W)
-        flat = projection.reshape(b, d, cells)
-        for i, (start, count) in enumerate(spans):
-            local = torch.where(region_ids[i] >= 0, region_ids[i] - start, count).reshape(1, -1)
-            keys = (local * cells + corner).reshape(-1)  # (4 * H*W,) into the (count + 1, cells) A
-            a = torch.zeros((count + 1) * cells, dtype=torch.float32, device=self.device)
-            a.index_add_(0, keys, (weight / norm[i]).reshape(-1))
-            self._embedding[start : start + count].add_(a.view(count + 1, cells)[:count] @ flat[i].T)
+        # One A per image, stacked: (B, slots, cells), slots = the largest region count + 1
+        # (the last slot collects padding). Image b's rows 0..count_b-1 are regions
+        # start_b.. of the pool; the rest go to the pooler's sink row R.
+        slots = max(count for _, count in spans) + 1
+        span = torch.tensor(spans, dtype=torch.int64).to(self.device, non_blocking=True)  # (B, 2)
+        start, count = span[:, :1], span[:, 1:]
+        local = torch.where(region_ids >= 0, region_ids - start.view(b, 1, 1), slots - 1).reshape(b, 1, -1)
+        image = torch.arange(b, device=self.device).view(b, 1, 1)
+        keys = ((image * slots + local) * cells + corner).reshape(-1)  # (B * 4 * H*W,) into A
+        a = torch.zeros(b * slots * cells, dtype=torch.float32, device=self.device)
+        a.index_add_(0, keys, (weight / norm.unsqueeze(1)).reshape(-1))
+        sums = torch.bmm(a.view(b, slots, cells), projection.reshape(b, d, cells).transpose(1, 2))  # (B, slots, D)
+        slot = torch.arange(slots, device=self.device)
+        rows = torch.where(slot < count, start + slot, self.n_regions)  # (B, slots) pool rows
+        self._embedding.index_add_(0, rows.reshape(-1), sums.reshape(-1, d))
 
     def _check(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None) -> None:
         """Shapes, dtypes and devices (metadata only: nothing is read from the device)."""
