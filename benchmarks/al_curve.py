@@ -9,8 +9,8 @@ against the full-supervision reference trained with the same network and schedul
 
 Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
 once and copied); ``--set`` values name the workspaces and the curves, so variants live
-side by side. Round 0 is random, seeded, and reads neither the strategy nor the region
-score, so it runs once per seed and is copied into any other workspace under ``--out``
+side by side. Round 0 is random, seeded, and reads neither the strategy, the region
+score nor the UMAP and KMeans settings, so it runs once per seed and is copied into any other workspace under ``--out``
 that may share it. The full-supervision reference is trained once per ``--out`` and
 reused by every run whose settings differ only in what it does not read (acquisition,
 UMAP, KMeans); a workspace made with other settings is refused, never silently reused.
@@ -42,8 +42,10 @@ from gpual.workspace import Workspace  # noqa: E402
 # Config sections the full-supervision reference never reads: runs that differ only
 # there share one base workspace (its superpixels and its reference).
 RUN_ONLY_SECTIONS = ("acquisition", "umap", "kmeans")
-# Keys round 0 (a seeded uniform draw, then training) does not read.
+# What round 0 (a seeded uniform draw, then training) does not read: two acquisition
+# keys and the UMAP and KMeans sections.
 ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score"))
+ROUND_ZERO_IGNORED_SECTIONS = ("umap", "kmeans")
 
 
 def _differences(have: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
@@ -84,8 +86,8 @@ def workspace_for(out: Path, name: str, base: Workspace, config: Config) -> Work
 def share_round_zero(source: Workspace, target: Workspace) -> bool:
     """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``.
 
-    Only where the two configs are equal but for keys round 0 does not read (the strategy,
-    the region score) and ``target`` has no round 0 yet. The copy goes to a temporary folder
+    Only where the two configs are equal but for what round 0 does not read (the strategy,
+    the region score, UMAP and KMeans settings) and ``target`` has no round 0 yet. The copy goes to a temporary folder
     renamed into place, so an interrupted copy leaves no half round. Returns whether it copied.
     """
     if target.round_dir(0).exists() or not source.round_state(0).evaluated:
@@ -93,6 +95,8 @@ def share_round_zero(source: Workspace, target: Workspace) -> bool:
     ours, theirs = source.config.to_dict(), target.config.to_dict()
     for section, key in ROUND_ZERO_IGNORES:
         ours[section][key] = theirs[section][key]
+    for section in ROUND_ZERO_IGNORED_SECTIONS:
+        ours[section] = theirs[section]
     if ours != theirs:
         return False
     tmp = target.round_dir(0).with_name(".000.copy")

@@ -59,10 +59,11 @@ def test_share_round_zero_copies_only_between_equal_configs(tmp_path: Path) -> N
     assert not other.round_dir(0).exists()
 
 
-def test_round_zero_is_shared_across_region_scores_but_not_seeds(tmp_path: Path) -> None:
+def test_round_zero_is_shared_across_region_scores_and_kmeans_but_not_seeds(tmp_path: Path) -> None:
     al_curve = _load("al_curve")
     _finished_round_zero(tmp_path / "a", "random")
-    mean = Workspace.create(tmp_path / "b", make_config("demo", {"acquisition": {"strategy": "entropy", "region_score": "mean"}}))
+    mean = Workspace.create(tmp_path / "b", make_config("demo", {"acquisition": {"strategy": "entropy", "region_score": "mean"},
+                                                                 "kmeans": {"levels": 2}}))
     seed = Workspace.create(tmp_path / "c", make_config("demo", {"acquisition": {"strategy": "entropy", "seed": 1}}))
     assert al_curve.share_round_zero_from_any(tmp_path, mean).root == tmp_path / "a"
     assert al_curve.share_round_zero_from_any(tmp_path, seed) is None
