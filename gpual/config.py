@@ -34,6 +34,11 @@ REGION_SCORES = ("sum", "mean")
 # "default": the library's own initialisation (cuML: scalable k-means++, i.e. k-means||;
 # scikit-learn: greedy k-means++); "random" draws k points, the cheapest for large k.
 KMEANS_INITS = ("default", "k-means++", "random")
+# UMAP's initial layout, an argument both libraries take. "spectral" (their default)
+# solves an eigenproblem that is near-degenerate on memory banks with duplicate vectors:
+# umap-learn then gives different layouts for the same inputs and seed (seen on CamVid
+# and the demo); "random" draws from random_state, so a selection can be repeated.
+UMAP_INITS = ("random", "spectral")
 
 
 @dataclass
@@ -129,6 +134,7 @@ class UmapConfig:
     n_neighbors: int = 15
     min_dist: float = 0.1
     random_state: int = 0
+    init: str = "random"  # one of UMAP_INITS
 
 
 @dataclass
@@ -174,6 +180,7 @@ class Config:
         _choice("acquisition.oracle", self.acquisition.oracle, ORACLES)
         _choice("acquisition.region_score", self.acquisition.region_score, REGION_SCORES)
         _choice("kmeans.init", self.kmeans.init, KMEANS_INITS)
+        _choice("umap.init", self.umap.init, UMAP_INITS)
         positives = {
             "data.scale": self.data.scale,
             "superpixels.region_pixels": self.superpixels.region_pixels,

@@ -51,7 +51,7 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         backend: chooses cuML (CUDA) or umap-learn (CPU).
         bank_vectors: ``xp`` (N, D) float32, the memory bank's vectors (all classes).
         region_embedding: ``xp`` (R, D) float32, pooled region embeddings.
-        cfg: n_components, n_neighbors, min_dist, random_state.
+        cfg: n_components, n_neighbors, min_dist, random_state, init.
         transform: ``transform(fitted_reducer, regions) -> points`` instead of
             ``fitted_reducer.transform(regions)`` (the Dask scale-out,
             :meth:`gpual.distributed.DaskCluster.umap_transform`).
@@ -98,6 +98,7 @@ def umap_embed(backend: Backend, bank_vectors: Any, region_embedding: Any, cfg: 
         n_neighbors=n_neighbors,
         min_dist=cfg.min_dist,
         random_state=cfg.random_state,
+        init=cfg.init,
     )
     timings: dict[str, float] = {}
     with warnings.catch_warnings(record=True) as caught:

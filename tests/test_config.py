@@ -53,6 +53,7 @@ def test_partial_file_takes_defaults(tmp_path) -> None:
         ("[kmeans]\ninit = 'grid'\n", "kmeans.init = 'grid' is not one of default, k-means"),
         ("[kmeans]\ntol = -1.0\n", "kmeans.tol = -1.0 must not be negative"),
         ("[kmeans]\nlevels = 3\n", "kmeans.levels = 3 is not 1 or 2"),
+        ("[umap]\ninit = 'pca'\n", "umap.init = 'pca' is not one of random, spectral"),
         ("[train\n", "not valid TOML"),
     ],
 )

@@ -285,3 +285,21 @@ def test_two_level_kmeans_gives_k_clusters_close_to_flat_kmeans() -> None:
     np.testing.assert_array_equal(kmeans_labels(cpu_backend(), points, 100, KMeansConfig(levels=2)), labels)  # seeded
     # k = the number of points: each point its own cluster.
     assert sorted(kmeans_labels(cpu_backend(), points[:9], 9, KMeansConfig(levels=2)).tolist()) == list(range(9))
+
+
+def test_umap_init_reaches_the_estimator_and_the_default_repeats(pool: Pool) -> None:
+    """The default initial layout (random, from random_state) gives the same points twice;
+    umap-learn's spectral layout did not on the demo's round-1 memory bank (72 duplicate
+    vectors: two selections of one round shared 40-44 of 60 regions)."""
+    seen = []
+
+    def transform(reducer, regions):
+        seen.append(reducer.init)
+        return reducer.transform(regions)
+
+    regions = pool.stats.embedding[:40].numpy()
+    first = umap_embed(cpu_backend(), pool.bank.numpy(), regions, UmapConfig(), transform=transform)
+    again = umap_embed(cpu_backend(), pool.bank.numpy(), regions, UmapConfig(), transform=transform)
+    umap_embed(cpu_backend(), pool.bank.numpy(), regions, UmapConfig(init="spectral"), transform=transform)
+    assert seen == ["random", "random", "spectral"]
+    np.testing.assert_array_equal(first.points, again.points)
