@@ -164,6 +164,7 @@ class RegionPooler:
         self._pixels = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self._bald: Tensor | None = None
         self._batches = 0
+        self._geometry: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
 
     def add(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None = None) -> None:
         """Fold one batch into the per-region sums.
@@ -206,18 +207,10 @@ class RegionPooler:
     def _add_embeddings(self, projection: Tensor, region_ids: Tensor, spans: Spans) -> None:
         """Region sums of the normalised, upsampled embeddings, as ``A @ P`` per image, all
         images in one batched product."""
-        from gpual.model import bilinear_source
-
         b, d, h, w = projection.shape
         height, width = region_ids.shape[-2:]
         cells = h * w
-        y0, y1, ly = bilinear_source(torch.arange(height, device=self.device), h, height)
-        x0, x1, lx = bilinear_source(torch.arange(width, device=self.device), w, width)
-        # The four source cells of every pixel (a, b above; c, d below) and their weights: (4, H*W).
-        corner = torch.stack([(y0 * w)[:, None] + x0, (y0 * w)[:, None] + x1, (y1 * w)[:, None] + x0,
-                              (y1 * w)[:, None] + x1]).reshape(4, -1)
-        weight = torch.stack([(1 - ly)[:, None] * (1 - lx), (1 - ly)[:, None] * lx, ly[:, None] * (1 - lx),
-                              ly[:, None] * lx]).reshape(4, -1)
+        corner, weight = self._bilinear(h, w, height, width)
         norm = _upsampled_norms(projection, corner, weight)  # (B, H*W)
         # One A per image, stacked: (B, slots, cells), slots = the largest region count + 1
         # (the last slot collects padding). Image b's rows 0..count_b-1 are regions
@@ -234,6 +227,23 @@ class RegionPooler:
         slot = torch.arange(slots, device=self.device)
         rows = torch.where(slot < count, start + slot, self.n_regions)  # (B, slots) pool rows
         self._embedding.index_add_(0, rows.reshape(-1), sums.reshape(-1, d))
+
+    def _bilinear(self, h: int, w: int, height: int, width: int) -> tuple[Tensor, Tensor]:
+        """The four source cells of every pixel (a, b above; c, d below) in an (h, w) map
+        upsampled to (height, width), and their weights: two (4, height * width) tensors
+        on the device, computed once per size (batches of a pool mostly share one)."""
+        from gpual.model import bilinear_source
+
+        key = (h, w, height, width)
+        if key not in self._geometry:
+            y0, y1, ly = bilinear_source(torch.arange(height, device=self.device), h, height)
+            x0, x1, lx = bilinear_source(torch.arange(width, device=self.device), w, width)
+            corner = torch.stack([(y0 * w)[:, None] + x0, (y0 * w)[:, None] + x1, (y1 * w)[:, None] + x0,
+                                  (y1 * w)[:, None] + x1]).reshape(4, -1)
+            weight = torch.stack([(1 - ly)[:, None] * (1 - lx), (1 - ly)[:, None] * lx, ly[:, None] * (1 - lx),
+                                  ly[:, None] * lx]).reshape(4, -1)
+            self._geometry[key] = (corner, weight)
+        return self._geometry[key]
 
     def _check(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None) -> None:
         """Shapes, dtypes and devices (metadata only: nothing is read from the device)."""
