@@ -109,8 +109,11 @@ def share_round_zero(source: Workspace, target: Workspace) -> bool:
 def share_round_zero_from_any(out: Path, target: Workspace) -> Workspace | None:
     """Give ``target`` a round 0 from any finished workspace under ``out`` it may share one with."""
     for root in sorted(p.parent for p in out.glob("*/gpual.toml")):
-        if root.resolve() != target.root.resolve() and share_round_zero(Workspace.open(root), target):
-            return Workspace.open(root)
+        if root.resolve() == target.root.resolve():
+            continue
+        source = Workspace.open(root)
+        if share_round_zero(source, target):
+            return source
     return None
 
 

@@ -18,6 +18,7 @@ from gpual.backend import Backend
 from gpual.config import KMeansConfig
 from gpual.errors import GpualError
 from gpual.ranking import stable_argsort
+from gpual.seeding import KMEANS_GROUP, derive_seed
 
 
 def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
@@ -91,7 +92,7 @@ def two_level_labels(backend: Backend, x: Any, k: int, cfg: KMeansConfig,
             local = xp.zeros(size, dtype=xp.int64)
         else:
             local = _fit_predict(backend, xp.take(x, members, axis=0), share,
-                                 dataclasses.replace(cfg, random_state=cfg.random_state + 1 + j), None)
+                                 dataclasses.replace(cfg, random_state=derive_seed(cfg.random_state, KMEANS_GROUP, j)), None)
         labels[members] = local + first_label
         first_label += share
     return labels

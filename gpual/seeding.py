@@ -12,6 +12,7 @@ import numpy as np
 SELECT = 1  # the random strategy (and round 0's initial draw)
 MC_DROPOUT = 2  # BALD's Monte-Carlo dropout masks, per global batch
 TRAIN = 3  # weight initialisation, dropout, shuffling and augmentation, per epoch
+KMEANS_GROUP = 4  # two-level KMeans: each group's clustering, per group
 
 _WORD = 1 << 64
 
