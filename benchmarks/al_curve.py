@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from gpual.backend import get_backend  # noqa: E402
 from gpual.config import Config, make_config, merge_tables, parse_settings  # noqa: E402
 from gpual.errors import GpualError  # noqa: E402
 from gpual.loop import LoopOptions, run_loop  # noqa: E402
+from gpual.strategies import sections_read  # noqa: E402
 from gpual.workspace import Workspace  # noqa: E402
 
 
@@ -59,6 +61,12 @@ def _differences(have: dict[str, Any], want: dict[str, Any], skip: tuple[str, ..
     return out
 
 
+def _absent(written: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys of ``want`` that a workspace's ``gpual.toml`` (``written``) does not hold."""
+    return [f"{section}.{key}" for section in sorted(want) if section not in skip
+            for key in sorted(want[section]) if key not in written.get(section, {})]
+
+
 def open_or_create(root: Path, config: Config, skip: tuple[str, ...] = ()) -> Workspace:
     """The workspace at ``root``, created with ``config`` if absent.
 
@@ -69,15 +77,22 @@ def open_or_create(root: Path, config: Config, skip: tuple[str, ...] = ()) -> Wo
         return Workspace.create(root, config)
     ws = Workspace.open(root)
     differ = _differences(ws.config.to_dict(), config.to_dict(), skip)
+    # A key its gpual.toml lacks was added to gpual after the workspace was made: its
+    # default now may not be what its rounds ran with (umap.init was spectral before).
+    written = tomllib.loads((root / "gpual.toml").read_text())
+    differ += [f"{key} (not in its gpual.toml: made by an older gpual)" for key in _absent(written, config.to_dict(), skip)]
     if differ:
         raise GpualError(f"{root} was made with other settings ({', '.join(differ[:4])}): give another --out or remove it")
     return ws
 
 
-def workspace_for(out: Path, name: str, base: Workspace, config: Config) -> Workspace:
-    """A workspace for one run, sharing the base workspace's superpixel cache (copied)."""
+def workspace_for(out: Path, name: str, base: Workspace, config: Config, skip: tuple[str, ...] = ()) -> Workspace:
+    """A workspace for one run, sharing the base workspace's superpixel cache (copied).
+
+    ``skip``: config sections the run never reads (see :func:`open_or_create`).
+    """
     fresh = not (out / name / "gpual.toml").exists()
-    ws = open_or_create(out / name, config)
+    ws = open_or_create(out / name, config, skip)
     if fresh:
         shutil.copytree(base.superpixel_dir, ws.superpixel_dir, dirs_exist_ok=True)
     return ws
@@ -223,7 +238,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 "acquisition": {"strategy": strategy, "seed": seed}, "train": {"seed": seed},
                 "umap": {"random_state": seed}, "kmeans": {"random_state": seed}}))
             name = f"{strategy}{'+' + variant.replace('/', '_') if variant else ''}-seed{seed}"
-            ws = workspace_for(args.out, name, base, config)
+            # Random and entropy runs do not read UMAP or KMeans: their workspaces are
+            # shared across those settings.
+            unread = tuple(s for s in ROUND_ZERO_IGNORED_SECTIONS if s not in sections_read(strategy))
+            ws = workspace_for(args.out, name, base, config, skip=unread)
             source = share_round_zero_from_any(args.out, ws)
             if source is not None:
                 print(f"{name}: round 0 copied from {source.root.name}", flush=True)

@@ -35,6 +35,8 @@ from gpual.pooling import RegionStats
 from gpual.ranking import select_per_cluster, top_k
 
 STRATEGY_NAMES = STRATEGIES  # one list, in gpual.config (validated there)
+# Config sections besides [acquisition] that a strategy's selection reads.
+_SECTIONS_READ = {"umap-kmeans-entropy": ("umap", "kmeans"), "kmeans-entropy": ("kmeans",)}
 # Largest (candidates x labeled centres) distance block coreset holds at once (floats).
 _CORESET_BLOCK = 1 << 24
 
@@ -58,6 +60,11 @@ class Selection:
     scores: Any
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def sections_read(strategy: str) -> tuple[str, ...]:
+    """Config sections besides ``acquisition`` that ``strategy``'s selection reads."""
+    return _SECTIONS_READ.get(strategy, ())
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import pytest
 from gpual import atomic
 from gpual.config import make_config
 from gpual.errors import GpualError
+from gpual.strategies import sections_read
 from gpual.workspace import Workspace
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -80,6 +81,22 @@ def test_existing_workspace_made_with_other_settings_is_refused(tmp_path: Path) 
         al_curve.open_or_create(tmp_path / "ws", other)
     # The full-supervision base ignores what it never reads.
     assert al_curve.open_or_create(tmp_path / "ws", make_config("demo"), skip=al_curve.RUN_ONLY_SECTIONS).root == ws.root
+
+
+def test_workspace_from_an_older_gpual_is_refused_where_a_new_key_matters(tmp_path: Path) -> None:
+    """A key missing from gpual.toml ran with the old behaviour, whatever its default is now."""
+    al_curve = _load("al_curve")
+    config = make_config("demo")
+    ws = al_curve.open_or_create(tmp_path / "ws", config)
+    path = ws.root / "gpual.toml"
+    path.write_text(path.read_text().replace('init = "random"\n', ""))
+    assert 'init = "random"' not in path.read_text()
+    with pytest.raises(GpualError, match=r"umap.init \(not in its gpual.toml: made by an older gpual\)"):
+        al_curve.open_or_create(tmp_path / "ws", config)
+    # A run whose strategy never reads UMAP (random, entropy) may still continue it.
+    assert al_curve.open_or_create(tmp_path / "ws", config, skip=("umap", "kmeans")).root == ws.root
+    assert set(al_curve.ROUND_ZERO_IGNORED_SECTIONS) - set(sections_read("random")) == {"umap", "kmeans"}
+    assert sections_read("umap-kmeans-entropy") == ("umap", "kmeans")
 
 
 def test_kmeans_levels_inertia_is_the_squared_distance_to_cluster_means() -> None:
