@@ -3,6 +3,7 @@ recorded with it, and the round 0 that al_curve shares between strategies."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def _load(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -107,3 +109,32 @@ def test_kmeans_levels_inertia_is_the_squared_distance_to_cluster_means() -> Non
     labels = np.random.default_rng(0).integers(0, 8, 500)
     want = sum(float(((points[labels == j] - points[labels == j].mean(0)) ** 2).sum()) for j in range(8))
     assert bench.inertia(get_backend("cpu"), points, labels, 8) == pytest.approx(want, rel=1e-6)
+
+
+def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None:
+    targets = _load("targets")
+    stages = {"pooling": 0.5, "handoff": 0.01, "umap_fit": 0.3, "umap_transform": 0.1, "kmeans": 0.5, "ranking": 0.05,
+              "manifest": 0.04}  # 1.5 s after the forward
+    cpu = {k: 100 * v for k, v in stages.items()}
+    new, old = "a" * 40, "b" * 40
+    (tmp_path / "acquisition-cuda-vs-cpu-20261201-100000.json").write_text(json.dumps({
+        "machine": {"gpual_commit": new}, "pool": {"cuda": {**stages, "regions": 154611}, "cpu": cpu},
+        "sweep": {"cuda": [{"regions": 4_000_000, "total": 12.0, "peak_device_mb_all_allocators": 20 * 1024}]},
+        "sweep_kmeans": {"levels": 2}}))
+    (tmp_path / "pooling-cuda-20261201-090000.json").write_text(json.dumps({
+        "machine": {"gpual_commit": old}, "copy_bandwidth_gb_s": 3000.0,
+        "results": [{"size": "360x480", "share_of_copy_bandwidth": 0.6, "effective_gb_s": 1800.0}]}))
+    (tmp_path / "broken-cpu-20261201-110000.json").write_text("{not json")
+    rows = {r["target"]: r for r in targets.check(targets._results(tmp_path), is_ancestor=lambda a, b: b == new)}
+    assert rows["CamVid-size round after the forward (GPU)"]["value"] == pytest.approx(1.5)
+    assert [r["status"] for r in rows.values()] == ["met", "met", "met", "NOT met", "stale (met before e3a9070)"]
+    assert rows["CamVid-size round: GPU vs CPU twin"]["value"] == pytest.approx(100.0)
+    assert "kmeans.levels=2" in rows["4M-region round, stages after pooling (GPU)"]["note"]
+    # Only the torch and CuPy allocators counted: within the bound proves nothing.
+    (tmp_path / "acquisition-cuda-20261202-100000.json").write_text(json.dumps({
+        "machine": {"gpual_commit": new}, "sweep": {"cuda": [{"regions": 4_000_000, "total": 30.0,
+                                                               "peak_device_mb_torch": 4096.0}]}}))
+    rows = targets.check(targets._results(tmp_path), is_ancestor=lambda a, b: b == new)
+    assert [r["status"] for r in rows][2:4] == ["NOT met", "open (lower bound)"]
+    assert [r["status"] for r in targets.check([])] == ["not measured"] * len(targets.TARGETS)
+    assert "| 4M-region round, peak device memory | <= 16 GB | 4 | open (lower bound) |" in targets.markdown(rows)
