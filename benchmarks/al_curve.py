@@ -9,7 +9,8 @@ against the full-supervision reference trained with the same network and schedul
 
 Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
 once and copied); ``--set`` values name the workspaces and the curves, so variants live
-side by side. Round 0 is random, seeded, and reads neither the strategy, the region
+side by side, except values a strategy never reads (``random`` under
+``acquisition.region_score=mean``): its runs are shared across them. Round 0 is random, seeded, and reads neither the strategy, the region
 score nor the UMAP and KMeans settings, so it runs once per seed and is copied into any other workspace under ``--out``
 that may share it. The full-supervision reference is trained once per ``--out`` and
 reused by every run whose settings differ only in what it does not read (acquisition,
@@ -37,7 +38,7 @@ from gpual.backend import get_backend  # noqa: E402
 from gpual.config import Config, make_config, merge_tables, parse_settings  # noqa: E402
 from gpual.errors import GpualError  # noqa: E402
 from gpual.loop import LoopOptions, run_loop  # noqa: E402
-from gpual.strategies import sections_read  # noqa: E402
+from gpual.strategies import settings_unread  # noqa: E402
 from gpual.workspace import Workspace  # noqa: E402
 
 
@@ -50,27 +51,32 @@ ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score
 ROUND_ZERO_IGNORED_SECTIONS = ("umap", "kmeans")
 
 
+def _skipped(key: str, skip: tuple[str, ...]) -> bool:
+    """Whether dotted ``key`` is in ``skip``, itself or by its section."""
+    return key in skip or key.split(".", 1)[0] in skip
+
+
 def _differences(have: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys whose values differ between two config dicts (sections in ``skip`` left out)."""
+    """Dotted keys whose values differ between two config dicts (sections or keys in ``skip`` left out)."""
     out = []
     for section in sorted(set(have) | set(want)):
-        if section in skip:
-            continue
         a, b = have.get(section, {}), want.get(section, {})
-        out += [f"{section}.{key}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        out += [f"{section}.{key}" for key in sorted(set(a) | set(b))
+                if a.get(key) != b.get(key) and not _skipped(f"{section}.{key}", skip)]
     return out
 
 
 def _absent(written: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys of ``want`` that a workspace's ``gpual.toml`` (``written``) does not hold."""
-    return [f"{section}.{key}" for section in sorted(want) if section not in skip
-            for key in sorted(want[section]) if key not in written.get(section, {})]
+    return [f"{section}.{key}" for section in sorted(want) for key in sorted(want[section])
+            if key not in written.get(section, {}) and not _skipped(f"{section}.{key}", skip)]
 
 
 def open_or_create(root: Path, config: Config, skip: tuple[str, ...] = ()) -> Workspace:
     """The workspace at ``root``, created with ``config`` if absent.
 
-    An existing one must have been made with the same config (sections in ``skip`` aside):
+    An existing one must have been made with the same config (sections or dotted keys in
+    ``skip`` aside):
     a run never silently continues under other settings.
     """
     if not (root / "gpual.toml").exists():
@@ -89,7 +95,7 @@ def open_or_create(root: Path, config: Config, skip: tuple[str, ...] = ()) -> Wo
 def workspace_for(out: Path, name: str, base: Workspace, config: Config, skip: tuple[str, ...] = ()) -> Workspace:
     """A workspace for one run, sharing the base workspace's superpixel cache (copied).
 
-    ``skip``: config sections the run never reads (see :func:`open_or_create`).
+    ``skip``: config sections or keys the run never reads (see :func:`open_or_create`).
     """
     fresh = not (out / name / "gpual.toml").exists()
     ws = open_or_create(out / name, config, skip)
@@ -219,7 +225,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         acquisition["init_budget"] = args.init_budget
     settings = parse_settings(args.settings)
     common = merge_tables(settings, {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition})
-    variant = ",".join(args.settings)
     backend = get_backend(args.device)
 
     from gpual.superpixels import build_cache
@@ -231,6 +236,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     curves: dict[str, list[list[dict[str, Any]]]] = {}
     for strategy in args.strategies.split(","):
+        # Settings this strategy never reads neither name its runs nor keep them from
+        # continuing a workspace made without them (random under region_score = mean).
+        unread = settings_unread(strategy)
+        variant = ",".join(s for s in args.settings if not _skipped(s.split("=", 1)[0].strip(), unread))
         label = f"{strategy} ({variant})" if variant else strategy
         for seed in (int(s) for s in args.seeds.split(",")):
             # A seed moves every random draw: round 0, training, UMAP and KMeans.
@@ -238,9 +247,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 "acquisition": {"strategy": strategy, "seed": seed}, "train": {"seed": seed},
                 "umap": {"random_state": seed}, "kmeans": {"random_state": seed}}))
             name = f"{strategy}{'+' + variant.replace('/', '_') if variant else ''}-seed{seed}"
-            # Random and entropy runs do not read UMAP or KMeans: their workspaces are
-            # shared across those settings.
-            unread = tuple(s for s in ROUND_ZERO_IGNORED_SECTIONS if s not in sections_read(strategy))
             ws = workspace_for(args.out, name, base, config, skip=unread)
             source = share_round_zero_from_any(args.out, ws)
             if source is not None:

@@ -35,8 +35,10 @@ from gpual.pooling import RegionStats
 from gpual.ranking import select_per_cluster, top_k
 
 STRATEGY_NAMES = STRATEGIES  # one list, in gpual.config (validated there)
-# Config sections besides [acquisition] that a strategy's selection reads.
+# Config sections besides [acquisition] that a strategy's selection reads, and the
+# strategies whose ranking reads acquisition.region_score.
 _SECTIONS_READ = {"umap-kmeans-entropy": ("umap", "kmeans"), "kmeans-entropy": ("kmeans",)}
+_SCORED = ("umap-kmeans-entropy", "kmeans-entropy", "entropy", "bald")
 # Largest (candidates x labeled centres) distance block coreset holds at once (floats).
 _CORESET_BLOCK = 1 << 24
 
@@ -62,9 +64,11 @@ class Selection:
     notes: list[str] = field(default_factory=list)
 
 
-def sections_read(strategy: str) -> tuple[str, ...]:
-    """Config sections besides ``acquisition`` that ``strategy``'s selection reads."""
-    return _SECTIONS_READ.get(strategy, ())
+def settings_unread(strategy: str) -> tuple[str, ...]:
+    """Settings ``strategy``'s selection never reads: whole sections (``"umap"``) or dotted
+    keys (``"acquisition.region_score"``). Runs that differ only there select alike."""
+    unread = tuple(s for s in ("umap", "kmeans") if s not in _SECTIONS_READ.get(strategy, ()))
+    return unread if strategy in _SCORED else (*unread, "acquisition.region_score")
 
 
 @contextmanager

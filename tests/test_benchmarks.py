@@ -14,7 +14,7 @@ import pytest
 from gpual import atomic
 from gpual.config import make_config
 from gpual.errors import GpualError
-from gpual.strategies import sections_read
+from gpual.strategies import settings_unread
 from gpual.workspace import Workspace
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -96,9 +96,20 @@ def test_workspace_from_an_older_gpual_is_refused_where_a_new_key_matters(tmp_pa
     with pytest.raises(GpualError, match=r"umap.init \(not in its gpual.toml: made by an older gpual\)"):
         al_curve.open_or_create(tmp_path / "ws", config)
     # A run whose strategy never reads UMAP (random, entropy) may still continue it.
-    assert al_curve.open_or_create(tmp_path / "ws", config, skip=("umap", "kmeans")).root == ws.root
-    assert set(al_curve.ROUND_ZERO_IGNORED_SECTIONS) - set(sections_read("random")) == {"umap", "kmeans"}
-    assert sections_read("umap-kmeans-entropy") == ("umap", "kmeans")
+    assert al_curve.open_or_create(tmp_path / "ws", config, skip=settings_unread("entropy")).root == ws.root
+
+
+def test_settings_a_strategy_never_reads_do_not_separate_its_runs(tmp_path: Path) -> None:
+    al_curve = _load("al_curve")
+    assert settings_unread("umap-kmeans-entropy") == ()
+    assert settings_unread("kmeans-entropy") == ("umap",)
+    assert settings_unread("entropy") == ("umap", "kmeans")
+    assert settings_unread("random") == ("umap", "kmeans", "acquisition.region_score")
+    ws = al_curve.open_or_create(tmp_path / "ws", make_config("demo", {"acquisition": {"strategy": "random"}}))
+    mean = make_config("demo", {"acquisition": {"strategy": "random", "region_score": "mean"}, "umap": {"init": "spectral"}})
+    assert al_curve.open_or_create(tmp_path / "ws", mean, skip=settings_unread("random")).root == ws.root
+    with pytest.raises(GpualError, match=r"other settings \(acquisition.region_score\)"):
+        al_curve.open_or_create(tmp_path / "ws", mean, skip=settings_unread("kmeans-entropy"))
 
 
 def test_kmeans_levels_inertia_is_the_squared_distance_to_cluster_means() -> None:
