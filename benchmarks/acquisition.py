@@ -267,8 +267,10 @@ def main() -> None:
     parser.add_argument("--kmeans-init", default="default", help="sweep: kmeans.init (default, k-means++, random)")
     parser.add_argument("--kmeans-max-iter", type=int, default=KMeansConfig.max_iter, help="sweep: kmeans.max_iter")
     parser.add_argument("--kmeans-tol", type=float, default=KMeansConfig.tol, help="sweep: kmeans.tol")
-    parser.add_argument("--kmeans-levels", type=int, default=KMeansConfig.levels, choices=(1, 2),
-                        help="sweep: kmeans.levels (2: coarse groups, then each group's share of the k clusters)")
+    parser.add_argument("--kmeans-levels", type=lambda v: v if v == "auto" else int(v), default=KMeansConfig.levels,
+                        choices=(1, 2, "auto"),
+                        help="sweep: kmeans.levels (2: coarse groups, then each group's share of the k clusters; "
+                             "auto, the default: two levels above 1e9 regions x k)")
     parser.add_argument("--dask", help="comma-separated Dask worker counts (CPU workers or GPUs): the scaling benchmark")
     parser.add_argument("--dask-images", type=int, default=32, help="pool images of the synthetic workspace (no --workspace)")
     parser.add_argument("--dask-out", type=Path, default=Path("/tmp/gpual-bench-dask"), help="where the synthetic workspace goes")

@@ -34,6 +34,7 @@ REGION_SCORES = ("sum", "mean")
 # "default": the library's own initialisation (cuML: scalable k-means++, i.e. k-means||;
 # scikit-learn: greedy k-means++); "random" draws k points, the cheapest for large k.
 KMEANS_INITS = ("default", "k-means++", "random")
+KMEANS_LEVELS = (1, 2, "auto")
 # UMAP's initial layout, an argument both libraries take. "spectral" (their default)
 # solves an eigenproblem that is near-degenerate on memory banks with duplicate vectors:
 # umap-learn then gives different layouts for the same inputs and seed (seen on CamVid
@@ -151,8 +152,10 @@ class KMeansConfig:
     # 1: one KMeans with k = the budget (the method). 2: KMeans into about sqrt(k) groups,
     # then each group into its share of the k clusters (in proportion to its regions, at
     # least one): an approximation of the flat clustering whose cost grows with
-    # n * sqrt(k) instead of n * k, for pools of millions of regions.
-    levels: int = 1
+    # n * sqrt(k) instead of n * k, for pools of millions of regions. "auto": one level
+    # while regions x k <= gpual.clustering.TWO_LEVELS_ABOVE (1e9: a CamVid pool, 160k x
+    # 1.6k, stays one level), two levels above (1M regions at a 1% budget, Cityscapes' 4M).
+    levels: int | str = "auto"
 
 
 @dataclass
@@ -205,8 +208,8 @@ class Config:
         for key, (value, low) in at_least.items():
             if value < low:
                 raise GpualError(f"config {key} = {value} must be at least {low}: fix it in gpual.toml")
-        if self.kmeans.levels not in (1, 2):
-            raise GpualError(f"config kmeans.levels = {self.kmeans.levels} is not 1 or 2: fix it in gpual.toml", 2)
+        if isinstance(self.kmeans.levels, bool) or self.kmeans.levels not in KMEANS_LEVELS:
+            raise GpualError(f"config kmeans.levels = {self.kmeans.levels!r} is not 1, 2 or \"auto\": fix it in gpual.toml", 2)
         if self.kmeans.tol < 0:
             raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml")
         if not 0.0 <= self.train.ema_decay <= 1.0:

@@ -27,7 +27,8 @@ from array_api_compat import array_namespace, device
 from torch import Tensor
 
 from gpual.backend import Backend
-from gpual.clustering import kmeans_labels
+from gpual import clustering
+from gpual.clustering import kmeans_labels, resolve_levels
 from gpual.config import REGION_SCORES, STRATEGIES, KMeansConfig, UmapConfig
 from gpual.embedding import umap_embed
 from gpual.errors import GpualError
@@ -158,6 +159,9 @@ def select_regions(
             points = reduced.points
             timings.update(reduced.timings)
             notes.extend(reduced.notes)
+        if kmeans_cfg.levels == "auto" and resolve_levels("auto", int(points.shape[0]), budget) == 2:
+            notes.append(f"KMeans in two levels ({int(points.shape[0])} regions x {budget} clusters > {clustering.TWO_LEVELS_ABOVE:.0e}, "
+                         "kmeans.levels = \"auto\"): set kmeans.levels = 1 in gpual.toml for one")
         with _timed(backend, timings, "kmeans"):
             clusters = kmeans_labels(backend, points, budget, kmeans_cfg,
                                      fit_predict=dask.kmeans_fit_predict if dask is not None else None)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gpual.backend import cpu_backend
-from gpual.clustering import kmeans_labels
+from gpual import clustering
+from gpual.clustering import kmeans_labels, resolve_levels
 from gpual.config import KMeansConfig, UmapConfig
 from gpual.embedding import umap_embed
 from gpual.errors import GpualError
@@ -285,6 +286,29 @@ def test_two_level_kmeans_gives_k_clusters_close_to_flat_kmeans() -> None:
     np.testing.assert_array_equal(kmeans_labels(cpu_backend(), points, 100, KMeansConfig(levels=2)), labels)  # seeded
     # k = the number of points: each point its own cluster.
     assert sorted(kmeans_labels(cpu_backend(), points[:9], 9, KMeansConfig(levels=2)).tolist()) == list(range(9))
+
+
+def test_auto_levels_switch_to_two_levels_above_the_threshold(pool: Pool, monkeypatch) -> None:
+    assert KMeansConfig().levels == "auto"
+    assert resolve_levels("auto", 160_000, 1_600) == 1  # a CamVid pool keeps the method's one KMeans
+    assert resolve_levels("auto", 4_000_000, 40_000) == 2  # Cityscapes-size
+    assert resolve_levels(1, 4_000_000, 40_000) == 1 and resolve_levels(2, 100, 10) == 2
+    cand = pool.candidates
+    points = pool.stats.embedding[cand].numpy()
+    one, two = (kmeans_labels(cpu_backend(), points, BUDGET, KMeansConfig(levels=v)) for v in (1, 2))
+    assert not np.array_equal(one, two)
+    np.testing.assert_array_equal(kmeans_labels(cpu_backend(), points, BUDGET, KMeansConfig()), one)
+    assert not any("two levels" in note for note in pool.select("kmeans-entropy").notes)
+
+    monkeypatch.setattr(clustering, "TWO_LEVELS_ABOVE", len(cand) * BUDGET - 1)
+    np.testing.assert_array_equal(kmeans_labels(cpu_backend(), points, BUDGET, KMeansConfig()), two)
+    selection = pool.select("kmeans-entropy")
+    want = select_per_cluster(pool.stats.entropy_sum[cand].numpy(), two, BUDGET, BUDGET)
+    assert selection.indices.tolist() == want.tolist()
+    assert [note for note in selection.notes if "two levels" in note] == [
+        f"KMeans in two levels ({len(cand)} regions x {BUDGET} clusters > {len(cand) * BUDGET - 1:.0e}, "
+        'kmeans.levels = "auto"): set kmeans.levels = 1 in gpual.toml for one'
+    ]
 
 
 def test_umap_init_reaches_the_estimator_and_the_default_repeats(pool: Pool) -> None:
