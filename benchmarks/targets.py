@@ -9,7 +9,7 @@ replaced). Nothing is timed here: run the benchmarks first, e.g. on a GPU machin
     python benchmarks/pooling.py --device cuda --size 360x480 --classes 11 --batch 16
     python benchmarks/targets.py               # a table; --markdown for the README
 
-Targets (one H100): a CamVid-size round (~160k regions, budget ~1.6k) in <= 2 s after the
+Targets (one H100; each row names the GPU its file was measured on): a CamVid-size round (~160k regions, budget ~1.6k) in <= 2 s after the
 teacher forward (pooling through the manifest), >= 50x the CPU twin on the same machine;
 a 4M-region round (stages after pooling) in <= 20 s with <= 16 GB of device memory;
 pooling at >= 50% of the device's copy bandwidth (``pooling.py`` says how that is measured).
@@ -70,6 +70,11 @@ def _results(folder: Path) -> list[tuple[str, dict[str, Any]]]:
 def _commit(payload: dict[str, Any]) -> str | None:
     machine = payload.get("machine")
     return machine.get("gpual_commit") if isinstance(machine, dict) else None
+
+
+def _gpu(payload: dict[str, Any]) -> str:
+    machine = payload.get("machine")
+    return str(machine.get("gpu") or "") if isinstance(machine, dict) else ""
 
 
 def _after_forward(stages: dict[str, Any]) -> float:
@@ -190,11 +195,12 @@ def check(results: list[tuple[str, dict[str, Any]]],
     when the value stands in for it (generated features instead of the real pool).
     """
     rows = []
+    payloads = dict(results)
     for target in TARGETS:
         bound = f"{'<=' if target.at_most else '>='} {target.limit:g} {target.unit}"
         found = target.find(results)
         row: dict[str, Any] = {"target": target.name, "bound": bound, "value": None, "status": "not measured",
-                               "source": "", "note": ""}
+                               "gpu": "", "source": "", "note": ""}
         if found is not None:
             met = found.value <= target.limit if target.at_most else found.value >= target.limit
             status = "met" if met else "NOT met"
@@ -202,7 +208,8 @@ def check(results: list[tuple[str, dict[str, Any]]],
                 status = "open (lower bound)"
             elif found.proxy:
                 status += " (proxy)"
-            row.update(value=found.value, status=status, source=found.source, note=found.note)
+            row.update(value=found.value, status=status, source=found.source, note=found.note,
+                       gpu=_gpu(payloads.get(found.source, {})))
             if found.since is not None:
                 current = is_ancestor(found.since, found.commit) if found.commit else False
                 if current is False:
@@ -214,11 +221,11 @@ def check(results: list[tuple[str, dict[str, Any]]],
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| target | bound | measured | status | source |", "|---|---|---|---|---|"]
+    lines = ["| target | bound | measured | status | GPU | source |", "|---|---|---|---|---|---|"]
     for r in rows:
         value = "" if r["value"] is None else f"{r['value']:.3g}"
         source = f"`{r['source']}` ({r['note']})" if r["source"] else ""
-        lines.append(f"| {r['target']} | {r['bound']} | {value} | {r['status']} | {source} |")
+        lines.append(f"| {r['target']} | {r['bound']} | {value} | {r['status']} | {r['gpu']} | {source} |")
     return "\n".join(lines) + "\n"
 
 
@@ -235,10 +242,10 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title="gpual acquisition targets")
-    for column in ("target", "bound", "measured", "status", "source"):
+    for column in ("target", "bound", "measured", "status", "GPU", "source"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["target"], r["bound"], "" if r["value"] is None else f"{r['value']:.3g}", r["status"],
+        table.add_row(r["target"], r["bound"], "" if r["value"] is None else f"{r['value']:.3g}", r["status"], r["gpu"],
                       f"{r['source']}\n{r['note']}" if r["source"] else "")
     Console().print(table)
 

@@ -129,7 +129,7 @@ def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None
     cpu = {k: 100 * v for k, v in stages.items()}
     new, old = "a" * 40, "b" * 40
     (tmp_path / "acquisition-cuda-vs-cpu-20261201-100000.json").write_text(json.dumps({
-        "machine": {"gpual_commit": new}, "pool": {"cuda": {**stages, "regions": 154611}, "cpu": cpu},
+        "machine": {"gpual_commit": new, "gpu": "NVIDIA H200"}, "pool": {"cuda": {**stages, "regions": 154611}, "cpu": cpu},
         "sweep": {"cuda": [{"regions": 4_000_000, "total": 12.0, "peak_device_mb_all_allocators": 20 * 1024}]},
         "sweep_kmeans": {"levels": 2}}))
     (tmp_path / "pooling-cuda-20261201-090000.json").write_text(json.dumps({
@@ -141,6 +141,8 @@ def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None
     assert [r["status"] for r in rows.values()] == ["met", "met", "met", "NOT met", "stale (met before e3a9070)"]
     assert rows["CamVid-size round: GPU vs CPU twin"]["value"] == pytest.approx(100.0)
     assert "kmeans.levels=2" in rows["4M-region round, stages after pooling (GPU)"]["note"]
+    assert rows["CamVid-size round: GPU vs CPU twin"]["gpu"] == "NVIDIA H200"  # the targets name an H100: say which ran
+    assert rows["Pooling, share of copy bandwidth (GPU)"]["gpu"] == ""
     # Only the torch and CuPy allocators counted: within the bound proves nothing.
     (tmp_path / "acquisition-cuda-20261202-100000.json").write_text(json.dumps({
         "machine": {"gpual_commit": new}, "sweep": {"cuda": [{"regions": 4_000_000, "total": 30.0,
@@ -148,4 +150,4 @@ def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None
     rows = targets.check(targets._results(tmp_path), is_ancestor=lambda a, b: b == new)
     assert [r["status"] for r in rows][2:4] == ["NOT met", "open (lower bound)"]
     assert [r["status"] for r in targets.check([])] == ["not measured"] * len(targets.TARGETS)
-    assert "| 4M-region round, peak device memory | <= 16 GB | 4 | open (lower bound) |" in targets.markdown(rows)
+    assert "| 4M-region round, peak device memory | <= 16 GB | 4 | open (lower bound) |  |" in targets.markdown(rows)
