@@ -86,6 +86,8 @@ def select(
     console.print(table)
     top = manifest.groupby("image").size().sort_values(ascending=False).head(5)
     console.print("most queried images: " + ", ".join(f"{i} ({n})" for i, n in top.items()))
+    for note in result.notes:
+        console.print(f"note: {note}")
     console.print(f"wrote {ws.query_path(round)}; next: gpual label {ws.root} --round {round}")
 
 
@@ -110,6 +112,8 @@ def _reporter(r: int, step: str, info: dict[str, Any]) -> None:
         console.print(f"round {r}: trained {info.get('epochs', '?')} epochs in {info.get('seconds', 0):.1f} s")
     elif step == "select":
         console.print(f"round {r}: selected {info['regions']} regions ({info['strategy']})")
+        for note in info.get("notes", []):
+            console.print(f"round {r}: note: {note}")
     elif step == "superpixels":
         console.print(f"superpixels: {info.get('images')} images, {info.get('regions_mean', 0):.0f} regions per image")
 

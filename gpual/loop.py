@@ -53,7 +53,8 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
                              budget=options.budget if r > 0 else None,
                              budget_pixels=options.budget_pixels if r > 0 else None,
                              progress=progress("select"), cluster=cluster if r > 0 else None)
-            report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings})
+            report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings,
+                                 "notes": result.notes})
         if not state.labeled:
             labeled = label_round(ws, r)
             report(r, "label", ws.read_metrics(r).get("labeling", {"regions": len(labeled)}))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli_runner import run_cli
+from gpual import clustering
 from gpual.acquisition import acquire
 from gpual.backend import cpu_backend
 from gpual.config import make_config
@@ -81,7 +82,7 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_scenes(tmp_path_factory.mktemp("data") / "scenes", n_train=6, n_val=2, height=48, width=64).root
 
 
-def test_run_resumes_and_force_reselects(capsys, tmp_path: Path, scenes: Path) -> None:
+def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, scenes: Path) -> None:
     ws_root = tmp_path / "ws"
     assert run_cli(capsys, "init", ws_root, "--data", scenes, "--dataset", "folder", "--preset", "demo").code == 0
     config = ws_root / "gpual.toml"
@@ -122,3 +123,10 @@ def test_run_resumes_and_force_reselects(capsys, tmp_path: Path, scenes: Path) -
     state = Workspace.open(ws_root).round_state(1)
     assert state.selected and not state.labeled and not state.trained and not state.evaluated
     assert (pd.read_parquet(ws_root / "rounds/001/query.parquet")["strategy"] == "margin").all()
+
+    # a strategy's notes reach the user: here "auto" KMeans levels with the threshold at 0
+    monkeypatch.setattr(clustering, "TWO_LEVELS_ABOVE", 0)
+    r = run_cli(capsys, "select", ws_root, "--round", "1", "--strategy", "kmeans-entropy", "--force")
+    assert r.code == 0, r.err
+    assert "note: KMeans in two levels" in r.out
+    assert any("two levels" in note for note in Workspace.open(ws_root).read_metrics(1)["acquisition"]["notes"])
