@@ -151,3 +151,17 @@ def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None
     assert [r["status"] for r in rows][2:4] == ["NOT met", "open (lower bound)"]
     assert [r["status"] for r in targets.check([])] == ["not measured"] * len(targets.TARGETS)
     assert "| 4M-region round, peak device memory | <= 16 GB | 4 | open (lower bound) |  |" in targets.markdown(rows)
+
+
+def test_selection_timing_warms_up_on_a_subset_and_reports_every_stage() -> None:
+    from gpual.backend import get_backend
+
+    bench = _load("acquisition")
+    backend = get_backend("cpu")
+    n = bench.WARMUP_REGIONS + 1000
+    stats, bank = bench.synthetic_stats(n, 16, 4, 50, backend.device)
+    out = bench.time_selection(backend, stats, bank, n // 100, "kmeans-entropy", repeats=1)
+    assert out["warmup_regions"] == bench.WARMUP_REGIONS
+    assert {"handoff", "kmeans", "ranking", "manifest", "total", "peak_rss_mb"} <= set(out)
+    assert out["total"] == pytest.approx(sum(out[k] for k in ("handoff", "kmeans", "ranking", "manifest")))
+    assert all(out[k] > 0 for k in ("kmeans", "manifest"))
