@@ -22,10 +22,11 @@ from gpual.ranking import stable_argsort
 from gpual.seeding import KMEANS_GROUP, derive_seed
 
 
-# "auto" clusters in two levels when regions x k exceeds this. Measured (cuML 26.10, one
-# level, max_iter 300): 1M x 10k = 1e10 took 6.5 s on an H200 and 8.1 s on an H100, 4M x
-# 40k 74.7 s on the H100 (two levels: 1.8 s and 6.5 s); so one level costs well under a
-# second up to 1e9 on those GPUs, where a CamVid pool (160k x 1.6k = 2.6e8) lies.
+# "auto" clusters in two levels when regions x k exceeds this. Measured (cuML 26.10,
+# max_iter 300): 1M x 10k = 1e10 took 6.5 s in one level and 1.8 s in two on an H200
+# (8.1 s in one on an H100); 4M x 40k took 74.7 s in one level on an H100 and 6.5 s in two
+# on the H200. One level thus costs well under a second up to 1e9, where a CamVid pool
+# (160k x 1.6k = 2.6e8) lies.
 TWO_LEVELS_ABOVE = 10**9
 
 
