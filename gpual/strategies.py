@@ -16,6 +16,7 @@ nothing is copied to the host: the only host copy is the caller's manifest.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,11 +160,13 @@ def select_regions(
             points = reduced.points
             timings.update(reduced.timings)
             notes.extend(reduced.notes)
-        if kmeans_cfg.levels == "auto" and resolve_levels("auto", int(points.shape[0]), budget) == 2:
-            notes.append(f"KMeans in two levels ({int(points.shape[0])} regions x {budget} clusters > {clustering.TWO_LEVELS_ABOVE:.0e}, "
+        n = int(points.shape[0])
+        levels = resolve_levels(kmeans_cfg.levels, n, budget)  # once: the note and the clustering agree
+        if kmeans_cfg.levels == "auto" and levels == 2:
+            notes.append(f"KMeans in two levels ({n} regions x {budget} clusters > {clustering.TWO_LEVELS_ABOVE:.0e}, "
                          "kmeans.levels = \"auto\"): set kmeans.levels = 1 in gpual.toml for one")
         with _timed(backend, timings, "kmeans"):
-            clusters = kmeans_labels(backend, points, budget, kmeans_cfg,
+            clusters = kmeans_labels(backend, points, budget, dataclasses.replace(kmeans_cfg, levels=levels),
                                      fit_predict=dask.kmeans_fit_predict if dask is not None else None)
         with _timed(backend, timings, "ranking"):
             indices = select_per_cluster(scores, clusters, budget, budget)
