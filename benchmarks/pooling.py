@@ -17,6 +17,10 @@ probabilities, a random projection map, and a grid of square regions of
     python benchmarks/pooling.py --device cuda --size 360x480 --classes 11 --batch 16
     python benchmarks/pooling.py --device cuda --size 512x1024 --classes 19 --batch 8
     python benchmarks/pooling.py --device cpu --size 180x240 --batch 8 --region-pixels 100
+
+``--compile both`` times the pooler as ``gpual select`` runs it (eager) and through
+``torch.compile`` (``RegionPooler(compile=True)``), recording the compilation's seconds;
+``--profile N`` lists the N kernels of one eager batch that take the most device time.
 """
 from __future__ import annotations
 
@@ -60,6 +64,20 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes / seconds / 1e9
 
 
+def kernel_profile(fn, device: torch.device, top: int) -> list[dict[str, Any]]:
+    """The ``top`` kernels (or CPU ops, on the CPU) of one ``fn()`` by total self time, in
+    microseconds, from ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key, "device_us": getattr(e, attr), "calls": e.count} for e in events[:top] if getattr(e, attr) > 0]
+
+
 def grid_regions(batch: int, h: int, w: int, region_pixels: int, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """(B, H, W) int64 global ids of square regions of ~region_pixels, and each image's
     (first region, region count)."""
@@ -83,6 +101,9 @@ def main() -> None:
     parser.add_argument("--region-pixels", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--output-stride", type=int, default=8, help="the projection map is H/s x W/s (the model's stride)")
+    parser.add_argument("--compile", default="off", choices=("off", "on", "both"),
+                        help="time RegionPooler(compile=True) instead of (on) or beside (both) the eager pooler")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="list the N costliest kernels of one eager batch")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -103,24 +124,35 @@ def main() -> None:
         stride = args.output_stride
         emb = torch.randn(args.batch, args.dim, (h + stride - 1) // stride, (w + stride - 1) // stride, generator=g, device=device)
         ids, spans = grid_regions(args.batch, h, w, args.region_pixels, device)
-        pooler = RegionPooler(spans[-1][0] + spans[-1][1], args.dim, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids, spans), device, args.repeats))
         nbytes = probs.numel() * 4 + emb.numel() * 4 + ids.numel() * 8
-        row = {
-            "size": size, "regions_per_batch": len(spans) * spans[0][1], "seconds_per_batch": seconds,
-            "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
-            "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
-        }
-        if device.type == "cuda":
-            row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
-        payload["results"].append(row)
-        print(f"{size}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch}, "
-              f"{row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.1f} GB/s effective"
-              + (f" = {row['share_of_copy_bandwidth']:.0%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
-        del pooler
+        modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+        for compiled in modes:
+            pooler = RegionPooler(spans[-1][0] + spans[-1][1], args.dim, device, compile=compiled)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            pooler.add(probs, emb, ids, spans)  # the first call compiles
+            sync(device)
+            first_call = time.perf_counter() - t0
+            seconds = statistics.median(timed(lambda: pooler.add(probs, emb, ids, spans), device, args.repeats))
+            row = {
+                "size": size, "mode": "compiled" if compiled else "eager", "first_call_seconds": first_call,
+                "regions_per_batch": len(spans) * spans[0][1], "seconds_per_batch": seconds,
+                "images_per_second": args.batch / seconds, "input_bytes_per_batch": nbytes,
+                "effective_gb_s": nbytes / seconds / 1e9, "peak_rss_mb": peak_rss_mb(),
+            }
+            if device.type == "cuda":
+                row["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                row["share_of_copy_bandwidth"] = row["effective_gb_s"] / payload["copy_bandwidth_gb_s"]
+            if args.profile and not compiled:
+                row["profile"] = kernel_profile(lambda: pooler.add(probs, emb, ids, spans), device, args.profile)
+            payload["results"].append(row)
+            print(f"{size} {row['mode']}: {row['seconds_per_batch'] * 1e3:.2f} ms per batch of {args.batch} "
+                  f"(first call {first_call:.2f} s), {row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.1f} GB/s effective"
+                  + (f" = {row['share_of_copy_bandwidth']:.1%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
+            for k in row.get("profile", []):
+                print(f"    {k['device_us']:9.1f} us  x{k['calls']:<3d} {k['name'][:90]}")
+            del pooler
         del probs, emb, ids
     write_result("pooling", payload)
 

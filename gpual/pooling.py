@@ -118,8 +118,54 @@ def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
     only one entry is masked, so two equal maxima give a second value equal to the first.
     """
     first, arg = probs.max(dim=1, keepdim=True)
-    second = probs.scatter(1, arg, float("-inf")).amax(dim=1)
+    classes = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
+    # A select rather than ``scatter``: the same values, and torch.compile fuses it.
+    second = torch.where(classes == arg, float("-inf"), probs).amax(dim=1)
     return first.squeeze(1), second
+
+
+def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: Tensor, weight: Tensor, span: Tensor,
+                slots: int, sink: int, entropy: Tensor, maxprob: Tensor, margin: Tensor, pixels: Tensor,
+                embedding: Tensor) -> None:
+    """Add one batch's per-region sums to the pooler's buffers, in place (all on one device).
+
+    Args:
+        probs: (B, C, H, W) float32 probabilities; projection: (B, D, h, w) float32 map.
+        region_ids: (B, H, W) int64 global ids, -1 for padding.
+        corner, weight: (4, H*W) bilinear source cells and weights (:meth:`RegionPooler._bilinear`).
+        span: (B, 2) int64 (first region, count) per image; slots: the largest count + 1.
+        sink: the buffers' last row (= the pool's region count), which collects padding.
+        entropy, maxprob, margin: (sink + 1,) float32; pixels: (sink + 1,) int64;
+        embedding: (sink + 1, D) float32.
+
+    Pure tensor code with no host sync and no data-dependent shape, so
+    ``RegionPooler(compile=True)`` can hand it to ``torch.compile`` whole.
+    """
+    # Padding pixels go to the sink row: no masking, no boolean indexing, no sync.
+    index = torch.where(region_ids >= 0, region_ids, sink).reshape(-1)
+    entropy.index_add_(0, index, pixel_entropy(probs, dim=1).reshape(-1))
+    first, second = top_two(probs)
+    maxprob.index_add_(0, index, first.reshape(-1))
+    margin.index_add_(0, index, (first - second).reshape(-1))
+    pixels.index_add_(0, index, torch.ones_like(index))
+
+    # Embeddings as A @ P per image, all images in one batched product: A (B, slots,
+    # cells) holds every pixel's four bilinear weights divided by its upsampled norm.
+    # Image b's rows 0..count_b-1 are regions start_b.. of the pool; its last slot and
+    # the rows past count_b go to the sink.
+    b, d, h, w = projection.shape
+    cells = h * w
+    norm = _upsampled_norms(projection, corner, weight)  # (B, H*W)
+    start, count = span[:, :1], span[:, 1:]
+    local = torch.where(region_ids >= 0, region_ids - start.view(b, 1, 1), slots - 1).reshape(b, 1, -1)
+    image = torch.arange(b, device=probs.device).view(b, 1, 1)
+    keys = ((image * slots + local) * cells + corner).reshape(-1)  # (B * 4 * H*W,) into A
+    a = torch.zeros(b * slots * cells, dtype=torch.float32, device=probs.device)
+    a.index_add_(0, keys, (weight / norm.unsqueeze(1)).reshape(-1))
+    sums = torch.bmm(a.view(b, slots, cells), projection.reshape(b, d, cells).transpose(1, 2))  # (B, slots, D)
+    slot = torch.arange(slots, device=probs.device)
+    rows = torch.where(slot < count, start + slot, sink)  # (B, slots) pool rows
+    embedding.index_add_(0, rows.reshape(-1), sums.reshape(-1, d))
 
 
 Spans = Sequence[tuple[int, int]]
@@ -142,9 +188,12 @@ class RegionPooler:
     (B, r + 1, h * w) ``A`` (r = the most regions of an image in the batch: 74 MB for 16
     CamVid frames at 360x480, stride 8). Float sums on CUDA use atomics, so the last bits
     may differ from run to run.
+
+    ``compile=True`` runs each batch through ``torch.compile`` (the same code, fused by
+    Inductor: Triton kernels on CUDA, C++ on the CPU); see ``benchmarks/pooling.py``.
     """
 
-    def __init__(self, n_regions: int, dim: int, device: torch.device | str) -> None:
+    def __init__(self, n_regions: int, dim: int, device: torch.device | str, compile: bool = False) -> None:
         if n_regions <= 0:
             raise GpualError(f"cannot pool into {n_regions} regions: the superpixel index is empty; run `gpual superpixels`")
         if dim <= 0:
@@ -165,6 +214,10 @@ class RegionPooler:
         self._bald: Tensor | None = None
         self._batches = 0
         self._geometry: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
+        # torch.compile fuses the batch's dozen kernels (entropy, top two, the scatters,
+        # the norms) into a few; the first batch pays the compilation (seconds, cached on
+        # disk by PyTorch across processes), and each new batch shape may recompile once.
+        self._fold = torch.compile(_fold_batch, dynamic=None) if compile else _fold_batch
 
     def add(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None = None) -> None:
         """Fold one batch into the per-region sums.
@@ -187,46 +240,19 @@ class RegionPooler:
         (the superpixel cache is checked against its index when it is read).
         """
         self._check(probs, projection, region_ids, spans, mc_probs)
-        # Padding pixels go to the sink row R: no masking, no boolean indexing, no sync.
-        index = torch.where(region_ids >= 0, region_ids, self.n_regions).reshape(-1)
-
-        probs = probs.float()
-        self._entropy.index_add_(0, index, pixel_entropy(probs, dim=1).reshape(-1))
-        first, second = top_two(probs)
-        self._maxprob.index_add_(0, index, first.reshape(-1))
-        self._margin.index_add_(0, index, (first - second).reshape(-1))
-        self._pixels.index_add_(0, index, torch.ones_like(index))
-        self._add_embeddings(projection.float(), region_ids, spans)
-
+        b, _, h, w = projection.shape
+        corner, weight = self._bilinear(h, w, *region_ids.shape[-2:])
+        # One A per image (see _fold_batch): slots = the batch's largest region count + 1.
+        slots = max(count for _, count in spans) + 1
+        span = torch.tensor(spans, dtype=torch.int64).to(self.device, non_blocking=True)  # (B, 2)
+        self._fold(probs.float(), projection.float(), region_ids, corner, weight, span, slots, self.n_regions,
+                   self._entropy, self._maxprob, self._margin, self._pixels, self._embedding)
         if mc_probs is not None:
             if self._bald is None:
                 self._bald = torch.zeros(self.n_regions + 1, dtype=torch.float32, device=self.device)
+            index = torch.where(region_ids >= 0, region_ids, self.n_regions).reshape(-1)
             self._bald.index_add_(0, index, bald_information(mc_probs.float()).reshape(-1))
         self._batches += 1
-
-    def _add_embeddings(self, projection: Tensor, region_ids: Tensor, spans: Spans) -> None:
-        """Region sums of the normalised, upsampled embeddings, as ``A @ P`` per image, all
-        images in one batched product."""
-        b, d, h, w = projection.shape
-        height, width = region_ids.shape[-2:]
-        cells = h * w
-        corner, weight = self._bilinear(h, w, height, width)
-        norm = _upsampled_norms(projection, corner, weight)  # (B, H*W)
-        # One A per image, stacked: (B, slots, cells), slots = the largest region count + 1
-        # (the last slot collects padding). Image b's rows 0..count_b-1 are regions
-        # start_b.. of the pool; the rest go to the pooler's sink row R.
-        slots = max(count for _, count in spans) + 1
-        span = torch.tensor(spans, dtype=torch.int64).to(self.device, non_blocking=True)  # (B, 2)
-        start, count = span[:, :1], span[:, 1:]
-        local = torch.where(region_ids >= 0, region_ids - start.view(b, 1, 1), slots - 1).reshape(b, 1, -1)
-        image = torch.arange(b, device=self.device).view(b, 1, 1)
-        keys = ((image * slots + local) * cells + corner).reshape(-1)  # (B * 4 * H*W,) into A
-        a = torch.zeros(b * slots * cells, dtype=torch.float32, device=self.device)
-        a.index_add_(0, keys, (weight / norm.unsqueeze(1)).reshape(-1))
-        sums = torch.bmm(a.view(b, slots, cells), projection.reshape(b, d, cells).transpose(1, 2))  # (B, slots, D)
-        slot = torch.arange(slots, device=self.device)
-        rows = torch.where(slot < count, start + slot, self.n_regions)  # (B, slots) pool rows
-        self._embedding.index_add_(0, rows.reshape(-1), sums.reshape(-1, d))
 
     def _bilinear(self, h: int, w: int, height: int, width: int) -> tuple[Tensor, Tensor]:
         """The four source cells of every pixel (a, b above; c, d below) in an (h, w) map

@@ -58,8 +58,9 @@ def _batches(seed: int, n_regions: int = 120, d: int = 16, c: int = 6) -> list[t
     return out
 
 
-def _pool(batches: list[tuple[torch.Tensor, ...]], device: torch.device, n_regions: int = 120, d: int = 16) -> RegionStats:
-    pooler = RegionPooler(n_regions, d, device)
+def _pool(batches: list[tuple[torch.Tensor, ...]], device: torch.device, n_regions: int = 120, d: int = 16,
+          compile: bool = False) -> RegionStats:
+    pooler = RegionPooler(n_regions, d, device, compile=compile)
     for probs, emb, ids, mc in batches:
         pooler.add(probs.to(device), emb.to(device), ids.to(device), [(0, n_regions)] * len(ids), mc_probs=mc.to(device))
     return pooler.result()
@@ -118,10 +119,14 @@ def test_guard_catches_host_copies(cuda: Backend) -> None:
             bool(cupy.ones(3).any())
 
 
-def test_pooling_parity(cuda: Backend) -> None:
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_pooling_parity(cuda: Backend, compile: bool) -> None:
+    """The CPU twin (eager) against the GPU path, eager and through torch.compile (Triton)."""
+    if compile:
+        pytest.importorskip("triton", reason="torch.compile on CUDA needs Triton (installed with PyTorch's CUDA wheels)")
     batches = _batches(0)
     cpu_stats = _pool(batches, torch.device("cpu"))
-    gpu_stats = _pool(batches, cuda.device)
+    gpu_stats = _pool(batches, cuda.device, compile=compile)
     for key, value in cpu_stats.__dict__.items():
         torch.testing.assert_close(getattr(gpu_stats, key).cpu(), value, rtol=1e-5, atol=1e-4, msg=key)
 

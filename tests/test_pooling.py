@@ -68,15 +68,18 @@ def _naive(batches: list[tuple[torch.Tensor, ...]], n_regions: int, d: int) -> d
 
 # None: the embeddings come at the image's size; else the (h, w) of a projection map the
 # pooler upsamples (downsampled by 4, by a ratio that is not an integer, or not at all).
-@pytest.mark.parametrize("projection_size", [None, (3, 3), (5, 4), (12, 10)])
-def test_pooler_matches_naive_loop_over_batches_with_global_offsets(projection_size) -> None:
+# compile: the same fold through torch.compile (Inductor's C++ kernels here), over batches
+# whose shapes differ (2, 2, 1 images; 10, 12, 9 slots), so it recompiles as a user's pool does.
+@pytest.mark.parametrize(("projection_size", "compile"), [(None, False), ((3, 3), False), ((5, 4), False),
+                                                          ((12, 10), False), ((5, 4), True)])
+def test_pooler_matches_naive_loop_over_batches_with_global_offsets(projection_size, compile) -> None:
     g = torch.Generator().manual_seed(0)
     c, d, h, w = 5, 8, 12, 10
     # 5 images of 7, 9, 6, 11, 8 regions in batches of 2, 2, 1; one region id left unused.
     sizes = [7, 9, 6, 11, 8]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
     n_regions = sum(sizes) + 1
-    pooler = RegionPooler(n_regions, d, "cpu")
+    pooler = RegionPooler(n_regions, d, "cpu", compile=compile)
     batches = []
     for lo, hi in ((0, 2), (2, 4), (4, 5)):
         probs, emb, ids, mc = _batch(g, sizes[lo:hi], offsets[lo:hi], c, d, h, w, mc=3)
