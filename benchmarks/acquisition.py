@@ -115,14 +115,17 @@ def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, bud
         timings = dict(selection.timings)
         timings["manifest"] = time.perf_counter() - t0
         timings["total"] = sum(v for k, v in timings.items() if k in STAGES)
+        notes[:] = selection.notes  # e.g. the two-level KMeans that kmeans.levels = "auto" chose
         return timings
 
+    notes: list[str] = []
     if backend.is_cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
     one_run(warmup, max(1, min(budget, len(warmup) // 100)))  # untimed: JIT compilation, first-call costs
     runs = [one_run() for _ in range(repeats)]
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     out["warmup_regions"] = len(warmup)
+    out["notes"] = list(notes)
     if backend.is_cuda:
         out["peak_device_mb_torch"] = torch.cuda.max_memory_allocated(backend.device) / 2**20
         out["device_pool_mb_cupy"] = backend.xp.get_default_memory_pool().total_bytes() / 2**20
@@ -135,6 +138,15 @@ def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, bud
             one_run()
         out["peak_device_mb_all_allocators"] = memory.peak_mb
     out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def ratios(cpu: dict[str, Any], cuda: dict[str, Any]) -> dict[str, float]:
+    """CPU-twin seconds / GPU seconds per stage timed on both, and for the stages after the
+    forward together (``after_forward``: pooling, when timed, through the manifest)."""
+    out = {k: cpu[k] / cuda[k] for k in STAGES if k in cpu and k in cuda and cuda[k] > 0}
+    after = [k for k in STAGES[1:] if k in cpu and k in cuda]
+    out["after_forward"] = sum(cpu[k] for k in after) / max(sum(cuda[k] for k in after), 1e-12)
     return out
 
 
@@ -307,7 +319,14 @@ def main() -> None:
                                "repeats": args.repeats, "sweep_kmeans": dataclasses.asdict(kmeans_cfg),
                                "versions": {d: b.versions() for d, b in backends.items()}}
     if args.workspace:
-        payload["pool"] = {d: pool_benchmark(args.workspace, args.round, b, args.repeats, args.strategy) for d, b in backends.items()}
+        payload["pool"] = {}
+        for d, b in backends.items():
+            row = payload["pool"][d] = pool_benchmark(args.workspace, args.round, b, args.repeats, args.strategy)
+            print(f"{d:>4} real pool, {row['regions']} regions: " + ", ".join(f"{k} {row[k]:.3f}s" for k in STAGES if k in row),
+                  flush=True)
+        if len(devices) == 2:
+            payload["pool_speedup"] = ratios(payload["pool"]["cpu"], payload["pool"]["cuda"])
+            print("real pool, CPU twin / GPU: " + ", ".join(f"{k} {v:.0f}x" for k, v in payload["pool_speedup"].items()))
     sweep: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
     for n in (int(s) for s in args.sweep.split(",") if s):
         for d, b in backends.items():
@@ -320,10 +339,11 @@ def main() -> None:
             print(f"{d:>4} {n:>9} regions: " + ", ".join(f"{k} {row[k]:.3f}s" for k in STAGES if k in row), flush=True)
     payload["sweep"] = sweep
     if "cpu" in sweep and "cuda" in sweep:
-        payload["speedup"] = [
-            {"regions": c["regions"], **{k: c[k] / g[k] for k in STAGES if k in c and k in g and g[k] > 0}}
-            for c in sweep["cpu"] for g in sweep["cuda"] if c["regions"] == g["regions"]
-        ]
+        payload["speedup"] = [{"regions": c["regions"], **ratios(c, g)}
+                              for c in sweep["cpu"] for g in sweep["cuda"] if c["regions"] == g["regions"]]
+        for row in payload["speedup"]:
+            print(f"{row['regions']:>9} regions, CPU twin / GPU: "
+                  + ", ".join(f"{k} {v:.0f}x" for k, v in row.items() if k != "regions"))
     path = write_result("acquisition", payload)
     if any(sweep.values()):
         plot(sweep, path.with_suffix(".png"))

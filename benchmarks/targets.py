@@ -211,7 +211,8 @@ def check(results: list[tuple[str, dict[str, Any]]],
             row.update(value=found.value, status=status, source=found.source, note=found.note,
                        gpu=_gpu(payloads.get(found.source, {})))
             if found.since is not None:
-                current = is_ancestor(found.since, found.commit) if found.commit else False
+                # "-dirty": run from a checkout of that commit with local changes on top.
+                current = is_ancestor(found.since, found.commit.removesuffix("-dirty")) if found.commit else False
                 if current is False:
                     row["status"] = f"stale ({status} before {found.since})"
                 elif current is None:

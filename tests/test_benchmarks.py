@@ -128,8 +128,9 @@ def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None
               "manifest": 0.04}  # 1.5 s after the forward
     cpu = {k: 100 * v for k, v in stages.items()}
     new, old = "a" * 40, "b" * 40
+    # "-dirty": run from a checkout of `new` with local changes, which still postdates e3a9070.
     (tmp_path / "acquisition-cuda-vs-cpu-20261201-100000.json").write_text(json.dumps({
-        "machine": {"gpual_commit": new, "gpu": "NVIDIA H200"}, "pool": {"cuda": {**stages, "regions": 154611}, "cpu": cpu},
+        "machine": {"gpual_commit": new + "-dirty", "gpu": "NVIDIA H200"}, "pool": {"cuda": {**stages, "regions": 154611}, "cpu": cpu},
         "sweep": {"cuda": [{"regions": 4_000_000, "total": 12.0, "peak_device_mb_all_allocators": 20 * 1024}]},
         "sweep_kmeans": {"levels": 2}}))
     (tmp_path / "pooling-cuda-20261201-090000.json").write_text(json.dumps({
@@ -165,3 +166,28 @@ def test_selection_timing_warms_up_on_a_subset_and_reports_every_stage() -> None
     assert {"handoff", "kmeans", "ranking", "manifest", "total", "peak_rss_mb"} <= set(out)
     assert out["total"] == pytest.approx(sum(out[k] for k in ("handoff", "kmeans", "ranking", "manifest")))
     assert all(out[k] > 0 for k in ("kmeans", "manifest"))
+
+
+def test_selection_timing_records_the_strategys_notes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep row says when kmeans.levels = "auto" chose two levels (here by lowering the
+    threshold: 6,000 x 60 is far below the real 1e9)."""
+    from gpual import clustering
+    from gpual.backend import get_backend
+
+    bench = _load("acquisition")
+    backend = get_backend("cpu")
+    n = bench.WARMUP_REGIONS + 1000
+    stats, bank = bench.synthetic_stats(n, 16, 4, 50, backend.device)
+    monkeypatch.setattr(clustering, "TWO_LEVELS_ABOVE", 1000)
+    out = bench.time_selection(backend, stats, bank, n // 100, "kmeans-entropy", repeats=1)
+    assert any("two levels" in note for note in out["notes"])
+
+
+def test_ratios_cover_the_stages_after_the_forward() -> None:
+    bench = _load("acquisition")
+    cpu = {"forward": 6.0, "pooling": 1.0, "umap_fit": 5.0, "kmeans": 14.0, "manifest": 0.0, "regions": 10}
+    cuda = {"forward": 0.1, "pooling": 0.05, "umap_fit": 0.1, "kmeans": 0.25, "manifest": 0.0, "regions": 10}
+    out = bench.ratios(cpu, cuda)
+    assert out["forward"] == pytest.approx(60) and out["kmeans"] == pytest.approx(56)
+    assert "manifest" not in out and "regions" not in out  # no division by a zero GPU time; not a stage
+    assert out["after_forward"] == pytest.approx(20.0 / 0.4)
