@@ -161,7 +161,7 @@ def pooling_bandwidth(results: list[tuple[str, dict[str, Any]]]) -> Measurement 
         if name.startswith("pooling-cuda-") and payload.get("results"):
             row = max(payload["results"], key=lambda r: r["share_of_copy_bandwidth"])
             return Measurement(100 * row["share_of_copy_bandwidth"], name, _commit(payload),
-                               f"{row['size']}, {row['effective_gb_s']:.0f} of {payload['copy_bandwidth_gb_s']:.0f} GB/s",
+                               f"{row['size']} {row.get('mode', 'eager')}, {row['effective_gb_s']:.0f} of {payload['copy_bandwidth_gb_s']:.0f} GB/s",
                                since=POOLING_SINCE)
     return None
 
