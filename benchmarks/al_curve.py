@@ -49,11 +49,14 @@ RUN_ONLY_SECTIONS = ("acquisition", "umap", "kmeans")
 # keys and the UMAP and KMeans sections.
 ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score"))
 ROUND_ZERO_IGNORED_SECTIONS = ("umap", "kmeans")
+# Process counts: they change how fast a run goes, never what it computes (flips and
+# shuffling are seeded in the main process), so they never separate runs.
+SPEED_ONLY = ("train.num_workers", "superpixels.workers")
 
 
 def _skipped(key: str, skip: tuple[str, ...]) -> bool:
-    """Whether dotted ``key`` is in ``skip``, itself or by its section."""
-    return key in skip or key.split(".", 1)[0] in skip
+    """Whether dotted ``key`` is in ``skip`` (itself or by its section) or in :data:`SPEED_ONLY`."""
+    return key in skip or key.split(".", 1)[0] in skip or key in SPEED_ONLY
 
 
 def _differences(have: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:

@@ -94,7 +94,10 @@ class TrainConfig:
     amp: bool = True
     ema_decay: float = 0.99
     reinit_each_round: bool = False
-    num_workers: int = 2
+    # Loader processes decoding images and superpixel maps. "auto": none on the CPU (the
+    # model's compute has the cores), min(8, usable cores - 1) with CUDA, where loading
+    # overlaps the device (CamVid pool on a 16-core H200 box: host wait 0.98 s with 0, 0.36 s with 8).
+    num_workers: int | str = "auto"
     seed: int = 0
 
 
@@ -210,6 +213,9 @@ class Config:
                 raise GpualError(f"config {key} = {value} must be at least {low}: fix it in gpual.toml")
         if isinstance(self.kmeans.levels, bool) or self.kmeans.levels not in KMEANS_LEVELS:
             raise GpualError(f"config kmeans.levels = {self.kmeans.levels!r} is not 1, 2 or \"auto\": fix it in gpual.toml", 2)
+        workers = self.train.num_workers
+        if isinstance(workers, bool) or (workers != "auto" and not (isinstance(workers, int) and workers >= 0)):
+            raise GpualError(f"config train.num_workers = {workers!r} is not a count >= 0 or \"auto\": fix it in gpual.toml", 2)
         if self.kmeans.tol < 0:
             raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml")
         if not 0.0 <= self.train.ema_decay <= 1.0:

@@ -9,6 +9,7 @@ a traceback inside.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -23,10 +24,27 @@ _WORKER_PREFIX = "Caught GpualError in DataLoader worker process"
 _ORIGINAL_MARKER = "GpualError: "
 
 
+AUTO_WORKERS_MAX = 8
+
+
+def resolve_workers(setting: int | str, device: torch.device, cores: int | None = None) -> int:
+    """Loader processes for ``train.num_workers``: a count as given; ``"auto"``: 0 when the
+    model runs on the CPU (its compute uses the cores, and a 2-core machine has none to
+    spare), else min(:data:`AUTO_WORKERS_MAX`, ``cores`` - 1) (``cores``: the CPUs this
+    process may use), leaving one core to the process feeding the device."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(AUTO_WORKERS_MAX, cores - 1))
+
+
 def host_batches(
     dataset: Dataset,
     device: torch.device,
-    num_workers: int,
+    num_workers: int | str,
     batch_size: int | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     shuffle: bool = False,
@@ -36,10 +54,11 @@ def host_batches(
 
     ``batch_size=None`` yields the dataset's items as they are (datasets whose items are
     whole batches). ``num_workers=0`` decodes in this process (required inside daemonic
-    processes such as Dask workers, which cannot start children).
+    processes such as Dask workers, which cannot start children); ``"auto"``: see
+    :func:`resolve_workers`.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+                        num_workers=resolve_workers(num_workers, device), pin_memory=device.type == "cuda")
     try:
         yield from loader
     except GpualError as exc:

@@ -110,6 +110,10 @@ def test_settings_a_strategy_never_reads_do_not_separate_its_runs(tmp_path: Path
     assert al_curve.open_or_create(tmp_path / "ws", mean, skip=settings_unread("random")).root == ws.root
     with pytest.raises(GpualError, match=r"other settings \(acquisition.region_score\)"):
         al_curve.open_or_create(tmp_path / "ws", mean, skip=settings_unread("kmeans-entropy"))
+    # Process counts change the speed, never the result: they never separate runs.
+    faster = make_config("demo", {"acquisition": {"strategy": "random"}, "train": {"num_workers": 4},
+                                  "superpixels": {"workers": 1}})
+    assert al_curve.open_or_create(tmp_path / "ws", faster).root == ws.root
 
 
 def test_kmeans_levels_inertia_is_the_squared_distance_to_cluster_means() -> None:

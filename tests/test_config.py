@@ -56,6 +56,9 @@ def test_partial_file_takes_defaults(tmp_path) -> None:
         ("[kmeans]\nlevels = true\n", 'kmeans.levels = True is not 1, 2 or "auto"'),
         ("[kmeans]\nlevels = 'two'\n", "kmeans.levels = 'two' is not 1, 2 or"),
         ("[umap]\ninit = 'pca'\n", "umap.init = 'pca' is not one of random, spectral"),
+        ("[train]\nnum_workers = -1\n", 'train.num_workers = -1 is not a count >= 0 or "auto"'),
+        ("[train]\nnum_workers = 'many'\n", "train.num_workers = 'many' is not a count"),
+        ("[train]\nnum_workers = false\n", "train.num_workers = False is not a count"),
         ("[train\n", "not valid TOML"),
     ],
 )

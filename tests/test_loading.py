@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gpual.errors import GpualError
-from gpual.loading import StageClock, Waited, host_batches, worker_error
+from gpual.loading import AUTO_WORKERS_MAX, StageClock, Waited, host_batches, resolve_workers, worker_error
 
 MESSAGE = "image /data/x.png is unreadable (truncated file): restore it or remove it from the pool"
 
@@ -34,6 +34,14 @@ def test_an_error_in_a_loader_process_arrives_as_its_own_line(workers) -> None:
     with pytest.raises(GpualError) as info:
         list(host_batches(_FailsAt(6, bad=3), torch.device("cpu"), workers))
     assert str(info.value) == MESSAGE
+
+
+def test_auto_workers_none_on_the_cpu_and_up_to_eight_beside_a_gpu() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object only: nothing runs on it
+    assert resolve_workers("auto", cpu, cores=16) == 0
+    assert [resolve_workers("auto", cuda, cores=n) for n in (1, 2, 4, 16, 64)] == [0, 1, 3, AUTO_WORKERS_MAX, AUTO_WORKERS_MAX]
+    assert resolve_workers(3, cpu) == 3 and resolve_workers(0, cuda, cores=16) == 0  # a count is kept as given
+    assert resolve_workers("auto", cuda) >= 0  # this machine's usable cores
 
 
 def test_items_come_in_order_with_batch_size_none() -> None:
