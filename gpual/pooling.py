@@ -217,9 +217,9 @@ class RegionPooler:
         self._batches = 0
         self._geometry: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
         # torch.compile fuses the batch's dozen kernels into a few. Measured: 3.2x on the CPU
-        # twin (Inductor's C++), no gain on an H200 (2.02 vs 1.98 ms per 16 CamVid frames: the
-        # index_add_ atomics bound it), and the first batch pays the compilation (5-8 s with a
-        # warm on-disk cache; each new batch shape may recompile once). So it is off by default.
+        # twin (Inductor's C++), no gain on an H200 (2.02 vs 1.98 ms per 16 CamVid frames; not
+        # profiled yet), and the first batch pays the compilation (5-8 s with a warm on-disk
+        # cache; each new batch shape may recompile once). So it is off by default.
         self._fold = torch.compile(_fold_batch, dynamic=None) if compile else _fold_batch
 
     def add(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None = None) -> None:
