@@ -49,6 +49,7 @@ from _report import DeviceMemoryPeak, machine_info, peak_rss_mb, write_result  #
 
 from gpual.acquisition import _manifest  # noqa: E402
 from gpual.backend import Backend, get_backend  # noqa: E402
+from gpual.clustering import resolve_levels  # noqa: E402
 from gpual.config import KMeansConfig, UmapConfig  # noqa: E402
 from gpual.pooling import RegionStats  # noqa: E402
 from gpual.strategies import select_regions  # noqa: E402
@@ -100,10 +101,11 @@ def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, bud
     offsets = np.arange(n_images, dtype=np.int64) * REGIONS_PER_IMAGE
     index = pd.DataFrame({"image": [f"image{i:07d}" for i in range(n_images)], "offset": offsets})
 
-    def one_run(candidates: torch.Tensor = candidates, budget: int = budget) -> dict[str, float]:
+    def one_run(candidates: torch.Tensor = candidates, budget: int = budget,
+                kmeans: KMeansConfig | None = kmeans_cfg) -> dict[str, float]:
         selection = select_regions(
             strategy, backend, stats, candidates, budget, bank_vectors=bank, region_score="sum",
-            umap_cfg=UmapConfig(), kmeans_cfg=kmeans_cfg or KMeansConfig(), seed=0, labeled_embedding=None,
+            umap_cfg=UmapConfig(), kmeans_cfg=kmeans or KMeansConfig(), seed=0, labeled_embedding=None,
         )
         backend.synchronize()
         t0 = time.perf_counter()
@@ -121,7 +123,11 @@ def time_selection(backend: Backend, stats: RegionStats, bank: torch.Tensor, bud
     notes: list[str] = []
     if backend.is_cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
-    one_run(warmup, max(1, min(budget, len(warmup) // 100)))  # untimed: JIT compilation, first-call costs
+    # Untimed: JIT compilation, first-call costs. With the KMeans level count the timed runs
+    # will use (at 5,000 candidates "auto" would always pick one level).
+    cfg = kmeans_cfg or KMeansConfig()
+    levels = resolve_levels(cfg.levels, len(candidates), budget)
+    one_run(warmup, max(1, min(budget, len(warmup) // 100)), dataclasses.replace(cfg, levels=levels))
     runs = [one_run() for _ in range(repeats)]
     out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     out["warmup_regions"] = len(warmup)
@@ -153,6 +159,7 @@ def ratios(cpu: dict[str, Any], cuda: dict[str, Any]) -> dict[str, float]:
 def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, strategy: str) -> dict[str, Any]:
     """Teacher forward + pooling over a real workspace's pool, then the selection stages."""
     from gpual.acquisition import _pool_with_teacher
+    from gpual.loading import resolve_workers
     from gpual.superpixels import read_index
     from gpual.workspace import Workspace
 
@@ -169,7 +176,8 @@ def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, st
     result["forward"] = statistics.median(t["forward"] for t in forwards)
     result["pooling"] = statistics.median(t["pooling"] for t in forwards)
     result["loader_wait"] = statistics.median(t["loader_wait"] for t in forwards)
-    result.update(images=len(index), regions=n_regions, budget=budget)
+    result.update(images=len(index), regions=n_regions, budget=budget,
+                  loader_workers=resolve_workers(ws.config.train.num_workers, backend.device))
     return result
 
 

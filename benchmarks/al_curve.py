@@ -111,13 +111,14 @@ def share_round_zero(source: Workspace, target: Workspace) -> bool:
     """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``.
 
     Only where the two configs are equal but for what round 0 does not read (the strategy,
-    the region score, UMAP and KMeans settings) and ``target`` has no round 0 yet. The copy goes to a temporary folder
+    the region score, UMAP and KMeans settings) and process counts (:data:`SPEED_ONLY`), and
+    ``target`` has no round 0 yet. The copy goes to a temporary folder
     renamed into place, so an interrupted copy leaves no half round. Returns whether it copied.
     """
     if target.round_dir(0).exists() or not source.round_state(0).evaluated:
         return False
     ours, theirs = source.config.to_dict(), target.config.to_dict()
-    for section, key in ROUND_ZERO_IGNORES:
+    for section, key in ROUND_ZERO_IGNORES + tuple(tuple(k.split(".")) for k in SPEED_ONLY):
         ours[section][key] = theirs[section][key]
     for section in ROUND_ZERO_IGNORED_SECTIONS:
         ours[section] = theirs[section]

@@ -120,7 +120,7 @@ def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
     first, arg = probs.max(dim=1, keepdim=True)
     # scatter, not torch.where(classes == arg, -inf, probs): with the select, pooling 16
     # CamVid frames took 1.98 ms on an H200 (its compare and select 0.18 ms of it), with
-    # scatter 1.83 ms (another H200, a day earlier); on the CPU twin 51 vs 36 ms per 8 frames.
+    # scatter 1.83 ms (another H200, earlier the same day); CPU twin: 51 vs 36 ms per 8 frames.
     second = probs.scatter(1, arg, float("-inf")).amax(dim=1)
     return first.squeeze(1), second
 
@@ -216,10 +216,10 @@ class RegionPooler:
         self._bald: Tensor | None = None
         self._batches = 0
         self._geometry: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
-        # torch.compile fuses the batch's dozen kernels into a few. Measured: 3.2x on the CPU
-        # twin (Inductor's C++), no gain on an H200 (2.02 vs 1.98 ms per 16 CamVid frames; not
-        # profiled yet), and the first batch pays the compilation (5-8 s with a warm on-disk
-        # cache; each new batch shape may recompile once). So it is off by default.
+        # torch.compile fuses the batch's dozen kernels into a few. Measured: 1.9x on the CPU
+        # twin (Inductor's C++; 2 cores), no gain on an H200 (2.02 vs 1.98 ms per 16 CamVid
+        # frames; not profiled yet), and the first batch pays the compilation (about 8 s cold
+        # on the H200, 1-7 s here; each new batch shape may recompile once). So it is off by default.
         self._fold = torch.compile(_fold_batch, dynamic=None) if compile else _fold_batch
 
     def add(self, probs: Tensor, projection: Tensor, region_ids: Tensor, spans: Spans, mc_probs: Tensor | None = None) -> None:

@@ -139,12 +139,15 @@ def test_targets_report_met_not_met_stale_and_unmeasured(tmp_path: Path) -> None
         "sweep_kmeans": {"levels": 2}}))
     (tmp_path / "pooling-cuda-20261201-090000.json").write_text(json.dumps({
         "machine": {"gpual_commit": old}, "copy_bandwidth_gb_s": 3000.0,
-        "results": [{"size": "360x480", "share_of_copy_bandwidth": 0.6, "effective_gb_s": 1800.0}]}))
+        "results": [{"size": "360x480", "share_of_copy_bandwidth": 0.6, "effective_gb_s": 1800.0},
+                    # --compile: not how `gpual select` pools, so not the target's value
+                    {"size": "360x480", "mode": "compiled", "share_of_copy_bandwidth": 0.9, "effective_gb_s": 2700.0}]}))
     (tmp_path / "broken-cpu-20261201-110000.json").write_text("{not json")
     rows = {r["target"]: r for r in targets.check(targets._results(tmp_path), is_ancestor=lambda a, b: b == new)}
     assert rows["CamVid-size round after the forward (GPU)"]["value"] == pytest.approx(1.5)
     assert [r["status"] for r in rows.values()] == ["met", "met", "met", "NOT met", "stale (met before e3a9070)"]
     assert rows["CamVid-size round: GPU vs CPU twin"]["value"] == pytest.approx(100.0)
+    assert rows["Pooling, share of copy bandwidth (GPU)"]["value"] == pytest.approx(60.0)
     assert "kmeans.levels=2" in rows["4M-region round, stages after pooling (GPU)"]["note"]
     assert rows["CamVid-size round: GPU vs CPU twin"]["gpu"] == "NVIDIA H200"  # the targets name an H100: say which ran
     assert rows["Pooling, share of copy bandwidth (GPU)"]["gpu"] == ""
@@ -195,3 +198,15 @@ def test_ratios_cover_the_stages_after_the_forward() -> None:
     assert out["forward"] == pytest.approx(60) and out["kmeans"] == pytest.approx(56)
     assert "manifest" not in out and "regions" not in out  # no division by a zero GPU time; not a stage
     assert out["after_forward"] == pytest.approx(20.0 / 0.4)
+
+
+def test_real_pool_benchmark_times_forward_pooling_and_records_loader_processes(tmp_path: Path) -> None:
+    """acquisition.py --workspace on the CPU twin: a demo workspace with round 0 trained."""
+    from gpual.backend import get_backend
+
+    bench = _load("acquisition")
+    root, trained = bench.synthetic_workspace(tmp_path, n_images=6)
+    out = bench.pool_benchmark(root, trained, get_backend("cpu"), repeats=1, strategy="kmeans-entropy")
+    assert out["images"] == 6 and out["regions"] > 0 and out["budget"] == max(1, out["regions"] // 100)
+    assert out["forward"] > 0 and out["pooling"] > 0 and out["kmeans"] > 0
+    assert out["loader_workers"] == 0  # the demo preset says 0

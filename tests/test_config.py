@@ -26,6 +26,9 @@ def test_toml_round_trip(tmp_path) -> None:
     path.write_text(dump_config(config))
     assert load_config(path) == config
     assert config.model.backbone == "resnet18" and config.data.scale == 0.5
+    # "auto" loader processes (none on the CPU) everywhere but the demo's few small images.
+    assert config.train.num_workers == "auto" and make_config("paper").train.num_workers == "auto"
+    assert make_config("demo").train.num_workers == 0
 
 
 def test_presets_are_shipped() -> None:

@@ -1,6 +1,7 @@
 """Host batch loading: errors from loader processes, pinned batches, stage clock."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -41,7 +42,8 @@ def test_auto_workers_none_on_the_cpu_and_up_to_eight_beside_a_gpu() -> None:
     assert resolve_workers("auto", cpu, cores=16) == 0
     assert [resolve_workers("auto", cuda, cores=n) for n in (1, 2, 4, 16, 64)] == [0, 1, 3, AUTO_WORKERS_MAX, AUTO_WORKERS_MAX]
     assert resolve_workers(3, cpu) == 3 and resolve_workers(0, cuda, cores=16) == 0  # a count is kept as given
-    assert resolve_workers("auto", cuda) >= 0  # this machine's usable cores
+    usable = len(os.sched_getaffinity(0))  # default: the cores this process may run on
+    assert resolve_workers("auto", cuda) == max(0, min(AUTO_WORKERS_MAX, usable - 1))
 
 
 def test_items_come_in_order_with_batch_size_none() -> None:
