@@ -49,7 +49,9 @@ def _finished_round_zero(root: Path, strategy: str, **acquisition) -> Workspace:
 def test_share_round_zero_copies_only_between_equal_configs(tmp_path: Path) -> None:
     al_curve = _load("al_curve")
     source = _finished_round_zero(tmp_path / "a", "umap-kmeans-entropy")
-    same = Workspace.create(tmp_path / "b", make_config("demo", {"acquisition": {"strategy": "random"}}))
+    # Other process counts (how fast, not what): still the same round 0.
+    same = Workspace.create(tmp_path / "b", make_config("demo", {"acquisition": {"strategy": "random"},
+                                                                 "train": {"num_workers": "auto"}, "superpixels": {"workers": 1}}))
     other = Workspace.create(tmp_path / "c", make_config("demo", {"acquisition": {"strategy": "random", "init_budget": 7}}))
 
     assert al_curve.share_round_zero(source, same)
