@@ -65,17 +65,27 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
 
 
 def kernel_profile(fn, device: torch.device, top: int) -> list[dict[str, Any]]:
-    """The ``top`` kernels (or CPU ops, on the CPU) of one ``fn()`` by total self time, in
-    microseconds, from ``torch.profiler``."""
+    """The ``top`` kernels (CPU ops, on the CPU) of one ``fn()`` by total self time, in
+    microseconds, from ``torch.profiler``, each with its share of all of them.
+
+    On CUDA only the kernel rows are kept (``device_type`` CUDA): the rows of the torch ops
+    that launched them would count each kernel twice. (That filter is new since the last
+    GPU run, whose files list both.)
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         fn()
         sync(device)
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
-    return [{"name": e.key, "device_us": getattr(e, attr), "calls": e.count} for e in events[:top] if getattr(e, attr) > 0]
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0 and (not cuda or e.device_type == DeviceType.CUDA)]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"name": e.key, "device_us": getattr(e, attr), "share": getattr(e, attr) / total, "calls": e.count}
+            for e in events[:top]]
 
 
 def grid_regions(batch: int, h: int, w: int, region_pixels: int, device: torch.device) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -151,7 +161,7 @@ def main() -> None:
                   f"(first call {first_call:.2f} s), {row['images_per_second']:.0f} img/s, {row['effective_gb_s']:.1f} GB/s effective"
                   + (f" = {row['share_of_copy_bandwidth']:.1%} of copy bandwidth" if "share_of_copy_bandwidth" in row else ""))
             for k in row.get("profile", []):
-                print(f"    {k['device_us']:9.1f} us  x{k['calls']:<3d} {k['name'][:90]}")
+                print(f"    {k['device_us']:9.1f} us {k['share']:6.1%}  x{k['calls']:<3d} {k['name'][:90]}")
             del pooler
         del probs, emb, ids
     write_result("pooling", payload)
