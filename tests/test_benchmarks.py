@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gpual import atomic
 from gpual.config import make_config
@@ -212,3 +213,12 @@ def test_real_pool_benchmark_times_forward_pooling_and_records_loader_processes(
     assert out["images"] == 6 and out["regions"] > 0 and out["budget"] == max(1, out["regions"] // 100)
     assert out["forward"] > 0 and out["pooling"] > 0 and out["kmeans"] > 0
     assert out["loader_workers"] == 0  # the demo preset says 0
+
+
+def test_kernel_profile_lists_the_costliest_ops_with_their_shares() -> None:
+    bench = _load("pooling")
+    x = torch.rand(512, 512)
+    rows = bench.kernel_profile(lambda: (x @ x).exp().sum(), torch.device("cpu"), 2)
+    assert len(rows) == 2 and rows[0]["device_us"] >= rows[1]["device_us"] > 0
+    assert 0 < rows[1]["share"] <= rows[0]["share"] <= 1 and all(r["calls"] >= 1 for r in rows)
+    assert any("mm" in r["name"] for r in rows)  # the matrix product is among the two costliest
