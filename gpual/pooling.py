@@ -127,7 +127,7 @@ def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
 
 def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: Tensor, weight: Tensor, span: Tensor,
                 slots: int, sink: int, entropy: Tensor, maxprob: Tensor, margin: Tensor, pixels: Tensor,
-                embedding: Tensor) -> None:
+                embedding: Tensor, bald: Tensor | None = None, mc_probs: Tensor | None = None) -> None:
     """Add one batch's per-region sums to the pooler's buffers, in place (all on one device).
 
     Args:
@@ -138,6 +138,8 @@ def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: T
         sink: the buffers' last row (= the pool's region count), which collects padding.
         entropy, maxprob, margin: (sink + 1,) float32; pixels: (sink + 1,) int64;
         embedding: (sink + 1, D) float32.
+        bald: (sink + 1,) float32 and mc_probs: (T, B, C, H, W) float32 Monte-Carlo dropout
+            probabilities, both or neither.
 
     Pure tensor code with no host sync and no data-dependent shape, so
     ``RegionPooler(compile=True)`` can hand it to ``torch.compile`` whole.
@@ -149,6 +151,8 @@ def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: T
     maxprob.index_add_(0, index, first.reshape(-1))
     margin.index_add_(0, index, (first - second).reshape(-1))
     pixels.index_add_(0, index, torch.ones_like(index))
+    if bald is not None and mc_probs is not None:
+        bald.index_add_(0, index, bald_information(mc_probs).reshape(-1))
 
     # Embeddings as A @ P per image, all images in one batched product: A (B, slots,
     # cells) holds every pixel's four bilinear weights divided by its upsampled norm.
@@ -248,13 +252,11 @@ class RegionPooler:
         # One A per image (see _fold_batch): slots = the batch's largest region count + 1.
         slots = max(count for _, count in spans) + 1
         span = torch.tensor(spans, dtype=torch.int64).to(self.device, non_blocking=True)  # (B, 2)
+        if mc_probs is not None and self._bald is None:
+            self._bald = torch.zeros(self.n_regions + 1, dtype=torch.float32, device=self.device)
         self._fold(probs.float(), projection.float(), region_ids, corner, weight, span, slots, self.n_regions,
-                   self._entropy, self._maxprob, self._margin, self._pixels, self._embedding)
-        if mc_probs is not None:
-            if self._bald is None:
-                self._bald = torch.zeros(self.n_regions + 1, dtype=torch.float32, device=self.device)
-            index = torch.where(region_ids >= 0, region_ids, self.n_regions).reshape(-1)
-            self._bald.index_add_(0, index, bald_information(mc_probs.float()).reshape(-1))
+                   self._entropy, self._maxprob, self._margin, self._pixels, self._embedding,
+                   self._bald, None if mc_probs is None else mc_probs.float())
         self._batches += 1
 
     def _bilinear(self, h: int, w: int, height: int, width: int) -> tuple[Tensor, Tensor]:
