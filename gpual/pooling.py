@@ -247,7 +247,7 @@ class RegionPooler:
         (the superpixel cache is checked against its index when it is read).
         """
         self._check(probs, projection, region_ids, spans, mc_probs)
-        b, _, h, w = projection.shape
+        h, w = projection.shape[-2:]
         corner, weight = self._bilinear(h, w, *region_ids.shape[-2:])
         # One A per image (see _fold_batch): slots = the batch's largest region count + 1.
         slots = max(count for _, count in spans) + 1
