@@ -159,8 +159,10 @@ def pooling_bandwidth(results: list[tuple[str, dict[str, Any]]]) -> Measurement 
     """Best share of the measured copy bandwidth over the sizes of the newest CUDA pooling run,
     pooling as `gpual select` runs it (eager, not ``--compile``)."""
     for name, payload in results:
+        if not name.startswith("pooling-cuda-"):
+            continue
         rows = [r for r in payload.get("results", []) if r.get("mode", "eager") == "eager"]
-        if name.startswith("pooling-cuda-") and rows:
+        if rows:
             row = max(rows, key=lambda r: r["share_of_copy_bandwidth"])
             return Measurement(100 * row["share_of_copy_bandwidth"], name, _commit(payload),
                                f"{row['size']}, {row['effective_gb_s']:.0f} of {payload['copy_bandwidth_gb_s']:.0f} GB/s",
