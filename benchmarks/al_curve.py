@@ -6,6 +6,14 @@ against the full-supervision reference trained with the same network and schedul
     python benchmarks/al_curve.py --synthetic --preset demo --rounds 3     # no dataset needed
 
     python benchmarks/al_curve.py ... --strategies umap-kmeans-entropy --set acquisition.region_score=mean
+    python benchmarks/al_curve.py ... --rounds 5 --final 2,4     # the paper's protocol at rounds 2 and 4
+
+Two mIoUs per round. The round's model is fine-tuned round after round, so round r has
+trained ``epochs_per_round`` x (r + 1) epochs (the table says how many) while the reference
+trains ``final_epochs`` from fresh weights: their ratio mixes labels with training time.
+``--final`` adds, for the rounds it names, the paper's final retraining (``gpual train
+--round N --final``): fresh weights, ``final_epochs``, the reference's seeds, so the labels
+are the only difference and mIoU(final) / mIoU(full) is METHOD.md's headline ratio.
 
 Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
 once and copied); ``--set`` values name the workspaces and the curves, so variants live
@@ -154,6 +162,27 @@ def full_reference(base: Workspace, device: Any, split: str) -> float:
     return float(evaluate(base, None, split, device)["miou"])
 
 
+def final_rounds(text: str, rounds: int) -> tuple[int, ...]:
+    """``--final``: "" (none), "last", "all" or comma-separated round numbers below ``rounds``."""
+    text = text.strip()
+    if not text:
+        return ()
+    if text in ("last", "all"):
+        return (rounds - 1,) if text == "last" else tuple(range(rounds))
+    try:
+        chosen = tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        raise GpualError(f"--final {text!r}: give last, all or round numbers such as 2,4") from None
+    if chosen[0] < 0 or chosen[-1] >= rounds:
+        raise GpualError(f"--final {text!r}: rounds run from 0 to {rounds - 1} with --rounds {rounds}")
+    return chosen
+
+
+def _finals(runs: list[list[dict[str, Any]]], r: int) -> list[float]:
+    """The final-retraining mIoUs of round ``r`` over seeds (those that have one)."""
+    return [run[r]["final_miou"] for run in runs if run[r].get("final_miou") is not None]
+
+
 def plot(curves: dict[str, list[list[dict[str, Any]]]], full: float, path: Path) -> None:
     import matplotlib
 
@@ -164,8 +193,13 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], full: float, path: Path)
     for strategy, runs in curves.items():
         share = np.array([[row["labeled_share"] for row in run] for run in runs], dtype=float) * 100
         miou = np.array([[row["miou"] for row in run] for run in runs], dtype=float)
-        ax.plot(share.mean(0), miou.mean(0), marker="o", label=strategy)
+        line, = ax.plot(share.mean(0), miou.mean(0), marker="o", label=f"{strategy} (round models)")
         ax.fill_between(share.mean(0), miou.min(0), miou.max(0), alpha=0.2)
+        final = [(share.mean(0)[r], np.mean(v), min(v), max(v)) for r in range(share.shape[1]) if (v := _finals(runs, r))]
+        if final:
+            x, y, lo, hi = (np.array(c) for c in zip(*final))
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], color=line.get_color(), marker="s", mfc="none", linestyle="--",
+                        capsize=3, label=f"{strategy} (final retraining)")
     ax.axhline(full, color="k", linestyle="--", label=f"full supervision ({full:.3f})")
     ax.axhline(0.95 * full, color="gray", linestyle=":", label="95% of full")
     ax.set_xlabel("labelled pixels (% of pool)")
@@ -175,14 +209,28 @@ def plot(curves: dict[str, list[list[dict[str, Any]]]], full: float, path: Path)
     fig.savefig(path, dpi=120)
 
 
-def markdown(curves: dict[str, list[list[dict[str, Any]]]], full: float) -> str:
-    lines = ["| strategy | round | labelled pixels | mIoU (mean over seeds) | % of full |", "|---|---:|---:|---:|---:|"]
+def markdown(curves: dict[str, list[list[dict[str, Any]]]], full: float, full_epochs: int) -> str:
+    """One row per (strategy, round): means over seeds of the round models and, where
+    they ran, of the final retrainings (with how many seeds have one if not all)."""
+    finals = any(_finals(runs, r) for runs in curves.values() for r in range(len(runs[0])))
+    head = "| strategy | round | labelled pixels | round model mIoU | epochs trained | % of full |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if finals:
+        head += f" final retraining mIoU ({full_epochs} epochs) | % of full, same schedule |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for strategy, runs in curves.items():
         for r in range(len(runs[0])):
             share = np.mean([run[r]["labeled_share"] for run in runs]) * 100
             miou = np.mean([run[r]["miou"] for run in runs])
-            lines.append(f"| {strategy} | {r} | {share:.2f}% | {miou:.4f} | {100 * miou / full:.1f}% |")
-    lines.append(f"| full supervision | - | 100% | {full:.4f} | 100% |")
+            epochs = runs[0][r].get("epochs_trained")
+            row = f"| {strategy} | {r} | {share:.2f}% | {miou:.4f} | {epochs if epochs is not None else '-'} | {100 * miou / full:.1f}% |"
+            if finals:
+                values = _finals(runs, r)
+                seeds = "" if len(values) in (0, len(runs)) else f" ({len(values)} of {len(runs)} seeds)"
+                row += (f" {np.mean(values):.4f}{seeds} | {100 * np.mean(values) / full:.1f}% |" if values else " - | - |")
+            lines.append(row)
+    lines.append(f"| full supervision | - | 100% | {full:.4f} | {full_epochs} | 100% |" + (" - | - |" if finals else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +246,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="regions per round after round 0 (default: the preset's)")
     parser.add_argument("--init-budget", type=int, help="round-0 regions (default: the preset's)")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--final", default="", metavar="ROUNDS",
+                        help="rounds whose labels also get the final retraining (fresh weights, final_epochs, the "
+                             "reference's seeds): last, all, or e.g. 2,4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="config value for every run, e.g. acquisition.region_score=mean (repeatable); "
@@ -229,6 +280,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         acquisition["init_budget"] = args.init_budget
     settings = parse_settings(args.settings)
     common = merge_tables(settings, {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition})
+    finals = final_rounds(args.final, args.rounds)
     backend = get_backend(args.device)
 
     from gpual.superpixels import build_cache
@@ -256,12 +308,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             if source is not None:
                 print(f"{name}: round 0 copied from {source.root.name}", flush=True)
             t0 = time.perf_counter()
-            rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split))
-            print(f"{label} seed {seed}: " + ", ".join(f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}" for r in rows)
-                  + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split, final=finals))
+            print(f"{label} seed {seed}: " + ", ".join(
+                f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}"
+                + (f" (final {r['final_miou']:.4f})" if r["final_miou"] is not None else "") for r in rows)
+                + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
             curves.setdefault(label, []).append(rows)
 
-    table = markdown(curves, full)
+    full_epochs = int(base.read_full_metrics()["training"]["epochs"])
+    table = markdown(curves, full, full_epochs)
     print(table)
     payload = {
         "machine": machine_info(),
@@ -273,8 +328,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         "data": str(data),
         "rounds": args.rounds,
         "full_supervision_miou": full,
+        "full_supervision_epochs": full_epochs,
+        "final_rounds": list(finals),
         "curves": curves,
         "ratio_to_full": {s: [[row["miou"] / full for row in run] for run in runs] for s, runs in curves.items()},
+        # The headline ratio (same network, schedule and seeds as the reference), where run.
+        "final_ratio_to_full": {s: [[None if row["final_miou"] is None else row["final_miou"] / full for row in run]
+                                    for run in runs] for s, runs in curves.items()},
         "wall_seconds": time.perf_counter() - start,
     }
     path = write_result("al_curve", payload)

@@ -92,22 +92,31 @@ def select(
 
 
 def _print_rounds(rows: list[dict[str, Any]]) -> None:
-    table = Table("round", "strategy", "labeled regions", "labeled pixels", "mIoU", title="active learning")
+    finals = any(row.get("final_miou") is not None for row in rows)
+    columns = ("round", "strategy", "labeled regions", "labeled pixels", "mIoU") + (("mIoU, final retraining",) if finals else ())
+    table = Table(*columns, title="active learning")
     for row in rows:
         share, miou = row["labeled_share"], row["miou"]
-        table.add_row(
+        cells = [
             str(row["round"]),
             str(row["strategy"] or "-"),
             str(row["labeled_regions"] if row["labeled_regions"] is not None else "-"),
             f"{share:.2%}" if share is not None else "-",
             f"{miou:.4f}" if miou is not None else "-",
-        )
+        ]
+        if finals:
+            cells.append(f"{row['final_miou']:.4f}" if row.get("final_miou") is not None else "-")
+        table.add_row(*cells)
     console.print(table)
 
 
 def _reporter(r: int, step: str, info: dict[str, Any]) -> None:
     if step == "evaluate":
         console.print(f"round {r}: mIoU {info.get('miou', float('nan')):.4f}")
+    elif step == "evaluate final":
+        console.print(f"round {r}, final retraining: mIoU {info.get('miou', float('nan')):.4f}")
+    elif step == "final":
+        console.print(f"round {r}: final retraining, {info.get('epochs', '?')} epochs from fresh weights in {info.get('seconds', 0):.1f} s")
     elif step == "train":
         console.print(f"round {r}: trained {info.get('epochs', '?')} epochs in {info.get('seconds', 0):.1f} s")
     elif step == "select":
@@ -125,6 +134,8 @@ def run(
     budget: int = BudgetOpt,
     budget_pixels: str = BudgetPixelsOpt,
     split: str = typer.Option(None, "--split", help="Evaluation split (default: the config's val split)."),
+    final: bool = typer.Option(False, "--final", help="Then retrain the last round's labels from fresh weights for "
+                               "train.final_epochs (the paper's final stage; rounds/NNN/final/) and evaluate it."),
     device: str = DeviceOpt,
     dask: str = DaskOpt,
     gpus: int = GpusOpt,
@@ -133,7 +144,8 @@ def run(
     """Run rounds 0..R-1: select -> label (simulated oracle) -> train -> evaluate.
 
     Resumable: re-running continues at the first unfinished step. Writes everything a
-    round's steps write (rounds/NNN/*) and the superpixel cache if it is missing. With
+    round's steps write (rounds/NNN/*) and the superpixel cache if it is missing. --final
+    adds `gpual train --round R-1 --final` and its evaluation at the end. With
     --dask, --gpus or --dask-workers the selection of rounds >= 1 runs on Dask workers
     (training and evaluation stay in this process).
     """
@@ -145,8 +157,8 @@ def run(
     backend = get_backend(device)
     start = time.perf_counter()
     with ws.lock("run"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars() as bars:
-        rows = run_loop(ws, backend, LoopOptions(rounds, strategy, budget, budget_pixels, split), _reporter, bars,
-                        cluster=cluster)
+        options = LoopOptions(rounds, strategy, budget, budget_pixels, split, final=(rounds - 1,) if final else ())
+        rows = run_loop(ws, backend, options, _reporter, bars, cluster=cluster)
     _print_rounds(rows)
     console.print(f"done in {time.perf_counter() - start:.0f} s on {backend.name}; workspace {ws.root}")
 

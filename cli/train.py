@@ -10,19 +10,22 @@ from rich.table import Table
 
 from cli.main import RoundOpt, WorkspaceArg, console, workspace_path
 from gpual.errors import GpualError
-from gpual.workspace import Workspace
+from gpual.workspace import ModelRun, Workspace
 
 TrainDeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when torch sees a GPU; training needs no RAPIDS).")
 OptionalRoundOpt = typer.Option(None, "--round", "-r", help="Round number (0 = the random initial labels).", min=0)
 FullOpt = typer.Option(False, "--full", help="The full-supervision reference (every pool label) in WORKSPACE/full/ instead of a round.")
+FinalOpt = typer.Option(False, "--final", help="With --round N: the final retraining on round N's labels (fresh weights, "
+                        "train.final_epochs, the reference's schedule) in rounds/NNN/final/.")
 
 
-def _round_or_full(round: int | None, full: bool, command: str) -> int | None:
+def _model_run(ws: Workspace, round: int | None, full: bool, final: bool, command: str) -> ModelRun:
+    """The model ``gpual COMMAND`` acts on, from its --round / --full / --final flags."""
     if full and round is not None:
         raise GpualError(f"give --round N or --full to `gpual {command}`, not both", 2)
     if not full and round is None:
         raise GpualError(f"`gpual {command}` needs --round N (or --full for the full-supervision reference)", 2)
-    return None if full else round
+    return ws.model_run(None if full else round, final)
 
 
 def label(workspace: Path = WorkspaceArg, round: int = RoundOpt) -> None:
@@ -49,24 +52,28 @@ def train(
     workspace: Path = WorkspaceArg,
     round: int = OptionalRoundOpt,
     full: bool = FullOpt,
+    final: bool = FinalOpt,
     device: str = TrainDeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: train.epochs_per_round, or train.final_epochs with --full)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: train.epochs_per_round, or train.final_epochs with --full or --final)."),
 ) -> None:
     """Train the student (CE + contrastive, EMA teacher, memory bank) on round N's labels.
 
     Reads rounds/N/labeled.parquet, the pool images and labels, the superpixel cache and
     rounds/N-1/checkpoint.pt; writes rounds/N/train_state.pt after every epoch (removed at
     the end), then rounds/N/checkpoint.pt and the training summary in rounds/N/metrics.json.
-    With --full: every pool label, into full/checkpoint.pt and full/metrics.json.
+    With --full: every pool label, into full/checkpoint.pt and full/metrics.json. With
+    --round N --final: the final retraining on round N's labels from fresh weights, with the
+    reference's schedule and seeds, into rounds/NNN/final/ (the paper's last stage, and the
+    model whose mIoU over the reference's is the headline ratio).
     """
-    from gpual.training import torch_device, train_full, train_round
+    from gpual.training import torch_device, train_final, train_full, train_round
 
-    target = _round_or_full(round, full, "train")
     ws = Workspace.open(workspace_path(workspace))
+    run = _model_run(ws, round, full, final, "train")
     dev = torch_device(device)
-    if target is not None:
-        ws.require(target, "train", "train")  # refuse before taking the lock or reading any image
+    if run.round is not None:  # refuse before taking the lock or reading any image
+        ws.require(run.round, "train", "train --final" if run.final else "train")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with ws.lock("train"), Progress(*columns, console=console, transient=True) as bar:
@@ -79,12 +86,14 @@ def train(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        if target is None:
-            summary = train_full(ws, dev, resume=resume, progress=progress, epochs=epochs, log=log)
+        options = dict(resume=resume, progress=progress, epochs=epochs, log=log)
+        if run.round is None:
+            summary = train_full(ws, dev, **options)
+        elif run.final:
+            summary = train_final(ws, run.round, dev, **options)
         else:
-            summary = train_round(ws, target, dev, resume=resume, progress=progress, epochs=epochs, log=log)
-    where = "full reference" if target is None else f"round {target}"
-    table = Table("epoch", "mean loss", title=f"{where}: {summary['images']} images, {summary['labeled_pixels']} labeled pixels")
+            summary = train_round(ws, run.round, dev, **options)
+    table = Table("epoch", "mean loss", title=f"{run.label}: {summary['images']} images, {summary['labeled_pixels']} labeled pixels")
     for i, loss in enumerate(summary["loss_per_epoch"], 1):
         table.add_row(str(i), f"{loss:.4f}")
     console.print(table)
@@ -93,43 +102,43 @@ def train(
         f"trained {summary['epochs']} epochs in {summary['seconds']:.1f} s on {summary['device']}"
         + (f" ({rate:.1f} images/s)" if rate else "")
     )
-    flag = "--full" if target is None else f"--round {target}"
-    console.print(f"next: gpual evaluate {ws.root} {flag} --split val")
+    console.print(f"next: gpual evaluate {ws.root} {run.flags} --split val")
 
 
 def evaluate(
     workspace: Path = WorkspaceArg,
     round: int = OptionalRoundOpt,
     full: bool = FullOpt,
+    final: bool = FinalOpt,
     split: str = typer.Option("val", "--split", help="val or test (the config's data.val_split / data.test_split)."),
     device: str = TrainDeviceOpt,
 ) -> None:
     """mIoU, per-class IoU and confusion matrix of round N's teacher on the val or test split.
 
     Reads rounds/N/checkpoint.pt and the split's images and labels; writes `evaluation`
-    (and `evaluations.<split>`) into rounds/N/metrics.json (full/metrics.json with --full).
+    (and `evaluations.<split>`) into rounds/N/metrics.json (full/metrics.json with --full,
+    rounds/N/final/metrics.json with --final).
     """
     from gpual.evaluation import evaluate as run_evaluation
     from gpual.training import torch_device
 
-    target = _round_or_full(round, full, "evaluate")
     if split not in ("val", "test"):
         raise GpualError(f"--split {split!r} is not val or test", 2)
     ws = Workspace.open(workspace_path(workspace))
+    run = _model_run(ws, round, full, final, "evaluate")
     dev = torch_device(device)
     with ws.lock("evaluate"):
-        result = run_evaluation(ws, target, split, dev)
-    where = "full reference" if target is None else f"round {target}"
-    table = Table("class", "IoU", title=f"{where} on '{result['split']}' ({result['images']} images)")
+        result = run_evaluation(ws, run.round, split, dev, final=run.final)
+    table = Table("class", "IoU", title=f"{run.label} on '{result['split']}' ({result['images']} images)")
     for name, iou in result["iou"].items():
         table.add_row(name, f"{iou:.4f}" if iou is not None else "-")
     table.add_row("[bold]mIoU[/]", f"[bold]{result['miou']:.4f}[/]")
     console.print(table)
     console.print(f"pixel accuracy {result['pixel_accuracy']:.4f}; {result['seconds']:.1f} s on {result['device']}")
-    if target is not None:
-        console.print(f"wrote {ws.metrics_path(target)}; next: gpual select {ws.root} --round {target + 1}")
+    if run.round is not None and not run.final:
+        console.print(f"wrote {run.metrics}; next: gpual select {ws.root} --round {run.round + 1}")
     else:
-        console.print(f"wrote {ws.full_dir / 'metrics.json'}")
+        console.print(f"wrote {run.metrics}")
 
 
 def register(app: typer.Typer) -> None:

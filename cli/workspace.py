@@ -55,20 +55,27 @@ def status(
         f"[bold]{info['workspace']}[/]  {info['dataset']} at {info['data']}\n"
         f"pool: {info['pool_images']} images, {info['pool_regions']} regions, {info['pool_pixels']} pixels"
     )
-    table = Table("round", "select", "label", "train", "evaluate", "labeled regions", "labeled share", "mIoU")
+    finals = any(r.get("final_miou") is not None for r in info["rounds"])
+    table = Table("round", "select", "label", "train", "evaluate", "labeled regions", "labeled share", "mIoU",
+                  *(("mIoU, final retraining",) if finals else ()))
     mark = {True: "[green]done[/]", False: "-"}
+
+    def number(value: float | None, form: str) -> str:
+        return format(value, form) if value is not None else "-"
+
     for r in info["rounds"]:
-        share = r.get("labeled_share")
-        miou = r.get("miou")
         table.add_row(
             str(r["round"]),
             *(mark[r[s]] for s in ("select", "label", "train", "evaluate")),
             str(r.get("labeled_regions", "-")),
-            f"{share:.2%}" if share is not None else "-",
-            f"{miou:.4f}" if miou is not None else "-",
+            number(r.get("labeled_share"), ".2%"),
+            number(r.get("miou"), ".4f"),
+            *((number(r.get("final_miou"), ".4f"),) if finals else ()),
         )
     if info["rounds"]:
         console.print(table)
+    if info["full_miou"] is not None:
+        console.print(f"full-supervision reference: mIoU {info['full_miou']:.4f}")
     console.print(f"next: [bold]{info['next']}[/]")
 
 

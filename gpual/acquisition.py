@@ -185,9 +185,12 @@ def acquire(
 
 
 def _discard_later_steps(ws: Workspace, round: int) -> None:
-    """A forced re-selection invalidates this round's labels, model and evaluation."""
+    """A forced re-selection invalidates this round's labels, model, final retraining and evaluation."""
+    import shutil
+
     for path in (ws.labeled_path(round), ws.checkpoint_path(round), ws.resume_path(round)):
         path.unlink(missing_ok=True)
+    shutil.rmtree(ws.final_dir(round), ignore_errors=True)
     metrics = ws.read_metrics(round)
     if "evaluation" in metrics or "labeling" in metrics:
         metrics.pop("evaluation", None)

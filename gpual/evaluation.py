@@ -41,23 +41,24 @@ def split_name(ws: Workspace, split: str) -> str:
     return {"val": ws.config.data.val_split, "test": ws.config.data.test_split}.get(split, split)
 
 
-def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device) -> dict[str, Any]:
-    """Evaluate round ``round``'s teacher (``None``: the full-supervision reference) on ``split``.
+def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device, final: bool = False) -> dict[str, Any]:
+    """Evaluate round ``round``'s teacher (``None``: the full-supervision reference; ``final``:
+    the final retraining on round ``round``'s labels) on ``split``.
 
     Returns and records ``{"split", "miou", "iou": {class: IoU or None}, "confusion": C x C
     counts (rows = truth), "pixel_accuracy", "images", "seconds", ...}`` as ``evaluation``
-    (the latest) and ``evaluations[split]`` in the round's metrics JSON (``full/metrics.json``
-    for the reference). Refuses when the model is not trained.
+    (the latest) and ``evaluations[split]`` in that model's metrics JSON (``full/metrics.json``
+    for the reference, ``rounds/NNN/final/metrics.json`` for a final retraining). Refuses
+    when the model is not trained.
     """
     from gpual.datasets import open_dataset
 
-    if round is None:
-        path = ws.full_dir / "checkpoint.pt"
-        if not path.exists():
-            raise GpualError(f"the full-supervision reference is not trained: run `gpual train {ws.root} --full` first")
-    else:
+    run = ws.model_run(round, final)
+    if round is not None and not final:
         ws.require(round, "evaluate", "evaluate")
-        path = ws.checkpoint_path(round)
+    elif not run.checkpoint.exists():
+        raise GpualError(f"{run.label} is not trained: run `gpual train {ws.root} {run.flags}` first")
+    path = run.checkpoint
     teacher, meta = load_teacher(path, device)
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
     name = split_name(ws, split)
@@ -93,11 +94,8 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device)
         "weights": "teacher",
         "scale": ws.config.data.scale,
         "round": round,
+        "final": final,
     }
-    if round is None:
-        evaluations = {**ws.read_full_metrics().get("evaluations", {}), name: result}
-        ws.update_full_metrics(evaluation=result, evaluations=evaluations)
-    else:
-        evaluations = {**ws.read_metrics(round).get("evaluations", {}), name: result}
-        ws.update_metrics(round, evaluation=result, evaluations=evaluations)
+    evaluations = {**ws.read_run_metrics(run).get("evaluations", {}), name: result}
+    ws.update_run_metrics(run, evaluation=result, evaluations=evaluations)
     return result

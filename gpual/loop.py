@@ -1,6 +1,6 @@
 """The active-learning loop, ``gpual run``: per round select -> label -> train -> evaluate,
-resumable (each step is skipped when its file exists; an interrupted training resumes
-from its last epoch)."""
+then optionally the final retraining on chosen rounds' labels; resumable (each step is
+skipped when its file exists; an interrupted training resumes from its last epoch)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,6 +23,7 @@ class LoopOptions:
     budget: int | None = None
     budget_pixels: str | None = None
     split: str | None = None  # evaluation split; the config's val split by default
+    final: tuple[int, ...] = ()  # rounds whose labels get the final retraining (fresh weights, train.final_epochs)
 
 
 def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Reporter | None = None,
@@ -38,7 +39,7 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
     from gpual.evaluation import evaluate
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
-    from gpual.training import train_round
+    from gpual.training import train_final, train_round
 
     report = report or (lambda r, s, i: None)
     progress = progress or (lambda step: None)
@@ -64,14 +65,28 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
         if not state.evaluated:
             info = evaluate(ws, r, split, backend.device)
             report(r, "evaluate", info)
+    for r in sorted(set(options.final)):
+        run = ws.model_run(r, final=True)
+        if not run.checkpoint.exists():
+            info = train_final(ws, r, backend.device, resume=run.state.exists(), progress=progress("final"))
+            report(r, "final", info)
+        if "evaluation" not in ws.read_run_metrics(run):
+            info = evaluate(ws, r, split, backend.device, final=True)
+            report(r, "evaluate final", info)
     return rounds_summary(ws, options.rounds)
 
 
 def rounds_summary(ws: Workspace, rounds: int) -> list[dict[str, Any]]:
-    """Per round: strategy, labeled regions, labeled pixel share, mIoU (from the metrics JSON)."""
-    rows = []
+    """Per round: strategy, labeled regions, labeled pixel share, mIoU and cumulative
+    training epochs of the round's model, and the final retraining's mIoU and epochs where
+    it ran (else None), from the metrics JSON files."""
+    rows, epochs = [], 0
     for r in range(rounds):
         metrics = ws.read_metrics(r)
+        trained = metrics.get("training", {}).get("epochs")
+        # Rounds continue from the last one unless reinit_each_round: their epochs add up.
+        epochs = None if trained is None else trained + (0 if ws.config.train.reinit_each_round or epochs is None else epochs)
+        final = ws.read_run_metrics(ws.model_run(r, final=True))
         rows.append(
             {
                 "round": r,
@@ -79,6 +94,9 @@ def rounds_summary(ws: Workspace, rounds: int) -> list[dict[str, Any]]:
                 "labeled_regions": metrics.get("labeling", {}).get("regions"),
                 "labeled_share": metrics.get("labeling", {}).get("labeled_share"),
                 "miou": metrics.get("evaluation", {}).get("miou"),
+                "epochs_trained": epochs,
+                "final_miou": final.get("evaluation", {}).get("miou"),
+                "final_epochs": final.get("training", {}).get("epochs"),
             }
         )
     return rows

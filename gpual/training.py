@@ -3,7 +3,9 @@
 ``gpual train WORKSPACE --round N`` trains the student on the pixels revealed so far,
 keeps the EMA teacher and the memory bank, and writes ``rounds/NNN/checkpoint.pt``;
 ``--full`` trains the same network and schedule on every pool label (the reference of
-the headline ratio) into ``WORKSPACE/full/``.
+the headline ratio) into ``WORKSPACE/full/``; ``--round N --final`` retrains round N's
+labels from fresh weights on that schedule (the paper's final retraining) into
+``rounds/NNN/final/``.
 
 Data: the training set is every pool image with at least one labeled pixel. Its sparse
 targets (the oracle's answer inside labeled regions, 255 elsewhere) are computed once per
@@ -55,7 +57,7 @@ from gpual.memory_bank import MemoryBank
 from gpual.model import SegmentationModel, build_model, normalize
 from gpual.seeding import TRAIN, derive_seed
 from gpual.teacher import ema_update, freeze, make_teacher
-from gpual.workspace import Workspace
+from gpual.workspace import ModelRun, Workspace
 
 CHECKPOINT_FORMAT = "gpual-checkpoint-1"
 RESUME_FORMAT = "gpual-train-state-1"
@@ -365,27 +367,34 @@ def train_round(ws: Workspace, round: int, device: torch.device, resume: bool = 
     """
     ws.require(round, "train", "train")
     init = None if round == 0 or ws.config.train.reinit_each_round else ws.checkpoint_path(round - 1)
-    data = sparse_training_set(ws, round)
-    summary = _train(
-        ws, data, tag=round, init=init, checkpoint=ws.checkpoint_path(round), state_path=ws.resume_path(round),
-        epochs=ws.config.train.epochs_per_round if epochs is None else epochs, device=device, resume=resume,
-        progress=progress, log=log, command=f"gpual train {ws.root} --round {round}",
-        write_metrics=lambda s: ws.update_metrics(round, training=s),
-    )
-    return summary
+    return _train(ws, ws.model_run(round), sparse_training_set(ws, round), tag=round, init=init,
+                  epochs=ws.config.train.epochs_per_round if epochs is None else epochs, device=device, resume=resume,
+                  progress=progress, log=log)
+
+
+def train_final(ws: Workspace, round: int, device: torch.device, resume: bool = False, progress: Progress | None = None,
+                epochs: int | None = None, log: StepLog | None = None) -> dict[str, Any]:
+    """The final retraining on round ``round``'s labels (the paper's last stage): fresh
+    weights, ``train.final_epochs``, into ``rounds/NNN/final/``.
+
+    It runs the reference's schedule with the reference's seeds (initial weights, shuffles,
+    flips, dropout), so against :func:`train_full` the labels are the only difference and
+    mIoU(final) / mIoU(full) is the headline ratio of METHOD.md. Round ``round`` needs its
+    labels, not its own training.
+    """
+    ws.require(round, "train", "train --final")
+    return _train(ws, ws.model_run(round, final=True), sparse_training_set(ws, round), tag=FULL_TAG, init=None,
+                  epochs=ws.config.train.final_epochs if epochs is None else epochs, device=device, resume=resume,
+                  progress=progress, log=log)
 
 
 def train_full(ws: Workspace, device: torch.device, resume: bool = False, progress: Progress | None = None,
                epochs: int | None = None, log: StepLog | None = None) -> dict[str, Any]:
     """The full-supervision reference: every pool label, ``final_epochs``, fresh weights;
     writes ``full/checkpoint.pt`` (and ``training`` in ``full/metrics.json``)."""
-    data = full_training_set(ws)
-    return _train(
-        ws, data, tag=FULL_TAG, init=None, checkpoint=ws.full_dir / "checkpoint.pt", state_path=ws.full_dir / "train_state.pt",
-        epochs=ws.config.train.final_epochs if epochs is None else epochs, device=device, resume=resume,
-        progress=progress, log=log, command=f"gpual train {ws.root} --full",
-        write_metrics=lambda summary: ws.update_full_metrics(training=summary),
-    )
+    return _train(ws, ws.model_run(None), full_training_set(ws), tag=FULL_TAG, init=None,
+                  epochs=ws.config.train.final_epochs if epochs is None else epochs, device=device, resume=resume,
+                  progress=progress, log=log)
 
 
 def _seed(config: Config, tag: int, epoch: int) -> int:
@@ -393,11 +402,14 @@ def _seed(config: Config, tag: int, epoch: int) -> int:
     return derive_seed(config.train.seed, TRAIN, tag, epoch)
 
 
-def _train(ws: Workspace, data: TrainingSet, tag: int, init: Path | None, checkpoint: Path, state_path: Path, epochs: int,
-           device: torch.device, resume: bool, progress: Progress | None, log: StepLog | None, command: str,
-           write_metrics: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
-    """The epoch loop shared by rounds and the full reference (``tag`` = round or FULL_TAG)."""
+def _train(ws: Workspace, run: ModelRun, data: TrainingSet, tag: int, init: Path | None, epochs: int, device: torch.device,
+           resume: bool, progress: Progress | None, log: StepLog | None) -> dict[str, Any]:
+    """The epoch loop shared by rounds, final retrainings and the full reference; writes
+    ``run``'s checkpoint and ``training`` in its metrics. ``tag`` (a round or FULL_TAG)
+    picks the seeds."""
     config = ws.config
+    command = f"gpual train {ws.root} {run.flags}"
+    checkpoint, state_path = run.checkpoint, run.state
     if epochs < 1:
         raise GpualError(f"epochs = {epochs} must be at least 1: fix --epochs or train.epochs_per_round / final_epochs", 2)
     if checkpoint.exists():
@@ -469,8 +481,8 @@ def _train(ws: Workspace, data: TrainingSet, tag: int, init: Path | None, checkp
         "backbone": config.model.backbone,
         "bank_filled": [int(n) for n in t.bank.filled()],
     }
-    write_metrics(summary)
-    save_checkpoint(checkpoint, t, {**meta, "round": None if tag == FULL_TAG else tag, "epochs": epochs,
+    ws.update_run_metrics(run, training=summary)
+    save_checkpoint(checkpoint, t, {**meta, "round": run.round, "final": run.final, "epochs": epochs,
                                     "fingerprint": data.fingerprint})
     state_path.unlink(missing_ok=True)
     return summary

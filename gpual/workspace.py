@@ -11,6 +11,9 @@ Layout::
       rounds/NNN/labeled.parquet  the cumulative labeled set after round NNN's oracle
       rounds/NNN/checkpoint.pt    student, teacher, memory bank after training round NNN
       rounds/NNN/metrics.json     evaluation, labeled share, per-stage times
+      rounds/NNN/final/           the final retraining on round NNN's labels (optional:
+                                  `gpual train --round N --final`): checkpoint.pt, metrics.json
+      full/                       the full-supervision reference (`gpual train --full`)
 
 A round moves through four steps, each finished when its file exists (files are only
 ever written atomically, so an existing file is a finished step):
@@ -54,6 +57,35 @@ LABELED_COLUMNS = {
     "pixels": "int64",
     "dominant": "int32",  # majority ground-truth class of the region (255 if all void)
 }
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """Where one trained model of a workspace lives, and how the CLI names it.
+
+    Three kinds: a round's model (fine-tuned from the round before), the final retraining
+    on a round's labels (fresh weights, ``train.final_epochs``: the paper's final stage and
+    the same schedule as the reference), and the full-supervision reference.
+    """
+
+    round: int | None  # None: the full reference
+    final: bool
+    folder: Path
+    label: str  # "round 3", "round 3 (final retraining)", "the full reference"
+    flags: str  # the CLI's way to name it: "--round 3", "--round 3 --final", "--full"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoint.pt"
+
+    @property
+    def state(self) -> Path:
+        """Per-epoch training state while it trains (removed when it finishes)."""
+        return self.folder / "train_state.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -172,6 +204,20 @@ class Workspace:
         """The full-supervision reference run (``gpual train --full``)."""
         return self.root / "full"
 
+    def final_dir(self, round: int) -> Path:
+        """The final retraining on round ``round``'s labels (``gpual train --round N --final``)."""
+        return self.round_dir(round) / "final"
+
+    def model_run(self, round: int | None, final: bool = False) -> ModelRun:
+        """Round ``round``'s model, its final retraining (``final``), or the full reference (``round=None``)."""
+        if round is None:
+            if final:
+                raise GpualError("--final retrains a round's labels: give --round N, not --full", 2)
+            return ModelRun(None, False, self.full_dir, "the full reference", "--full")
+        if final:
+            return ModelRun(round, True, self.final_dir(round), f"round {round} (final retraining)", f"--round {round} --final")
+        return ModelRun(round, False, self.round_dir(round), f"round {round}", f"--round {round}")
+
     # --- round state --------------------------------------------------------------------
     def rounds(self) -> list[int]:
         """Round numbers that have a folder, ascending."""
@@ -246,11 +292,15 @@ class Workspace:
 
     def read_full_metrics(self) -> dict[str, Any]:
         """``full/metrics.json`` of the full-supervision reference ({} before it exists)."""
-        return _read_metrics(self.full_dir / "metrics.json")
+        return self.read_run_metrics(self.model_run(None))
 
-    def update_full_metrics(self, **sections: Any) -> dict[str, Any]:
-        """Merge ``sections`` into ``full/metrics.json`` (atomic rewrite)."""
-        return _merge_metrics(self.full_dir / "metrics.json", sections)
+    def read_run_metrics(self, run: ModelRun) -> dict[str, Any]:
+        """The metrics JSON of any :class:`ModelRun` ({} before it has any)."""
+        return _read_metrics(run.metrics)
+
+    def update_run_metrics(self, run: ModelRun, **sections: Any) -> dict[str, Any]:
+        """Merge ``sections`` into a :class:`ModelRun`'s metrics JSON (atomic rewrite)."""
+        return _merge_metrics(run.metrics, sections)
 
     # --- status -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -274,6 +324,9 @@ class Workspace:
             evaluation = self.read_metrics(r).get("evaluation")
             if evaluation:
                 entry["miou"] = evaluation.get("miou")
+            final = self.read_run_metrics(self.model_run(r, final=True)).get("evaluation")
+            if final:
+                entry["final_miou"] = final.get("miou")
             rounds.append(entry)
         if index is None:
             next_command = f"gpual superpixels {self.root}"
@@ -288,6 +341,7 @@ class Workspace:
             "pool_regions": pool_regions,
             "pool_pixels": pool_pixels,
             "rounds": rounds,
+            "full_miou": self.read_full_metrics().get("evaluation", {}).get("miou"),
             "next": next_command,
         }
 

@@ -119,6 +119,28 @@ def test_settings_a_strategy_never_reads_do_not_separate_its_runs(tmp_path: Path
     assert al_curve.open_or_create(tmp_path / "ws", faster).root == ws.root
 
 
+def test_final_rounds_and_the_curve_table() -> None:
+    al_curve = _load("al_curve")
+    assert al_curve.final_rounds("", 5) == () and al_curve.final_rounds("last", 5) == (4,)
+    assert al_curve.final_rounds("all", 3) == (0, 1, 2) and al_curve.final_rounds("4,2,2", 5) == (2, 4)
+    for bad in ("5", "-1", "two"):
+        with pytest.raises(GpualError, match="--final"):
+            al_curve.final_rounds(bad, 5)
+
+    def row(r: int, miou: float, final: float | None) -> dict:
+        return {"round": r, "labeled_share": 0.01 * (r + 1), "miou": miou, "epochs_trained": 3 * (r + 1),
+                "final_miou": final, "final_epochs": None if final is None else 9}
+
+    curves = {"sum": [[row(0, 0.2, None), row(1, 0.3, 0.36)], [row(0, 0.2, None), row(1, 0.5, None)]]}
+    table = al_curve.markdown(curves, 0.4, 9)
+    assert "final retraining mIoU (9 epochs)" in table.splitlines()[0]
+    assert "| sum | 0 | 1.00% | 0.2000 | 3 | 50.0% | - | - |" in table
+    assert "| sum | 1 | 2.00% | 0.4000 | 6 | 100.0% | 0.3600 (1 of 2 seeds) | 90.0% |" in table
+    assert "| full supervision | - | 100% | 0.4000 | 9 | 100% | - | - |" in table
+    plain = al_curve.markdown({"sum": [[row(0, 0.2, None)]]}, 0.4, 9)
+    assert "final" not in plain and plain.splitlines()[-1] == "| full supervision | - | 100% | 0.4000 | 9 | 100% |"
+
+
 def test_kmeans_levels_inertia_is_the_squared_distance_to_cluster_means() -> None:
     from gpual.backend import get_backend
 

@@ -115,6 +115,15 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     assert {k: v for k, v in _files(ws_root).items() if not k.startswith("rounds/001/overlays")} == {
         k: v for k, v in after.items() if not k.startswith("rounds/001/overlays")}
 
+    # --final adds the final retraining on the last round's labels, and only that
+    r = run_cli(capsys, "run", ws_root, "--rounds", "2", "--final", "--device", "cpu")
+    assert r.code == 0, r.err
+    final = ws.model_run(1, final=True)
+    assert "round 1, final retraining: mIoU" in r.out and final.checkpoint.exists()
+    assert ws.read_run_metrics(final)["training"]["epochs"] == ws.config.train.final_epochs
+    assert {k: v for k, v in _files(ws_root).items() if not k.startswith(("rounds/001/overlays", "rounds/001/final/"))} == {
+        k: v for k, v in after.items() if not k.startswith("rounds/001/overlays")}
+
     # selecting round 1 again needs --force and discards its label/train/evaluate steps
     r = run_cli(capsys, "select", ws_root, "--round", "1", "--strategy", "margin")
     assert r.code == 1 and "--force" in r.err
@@ -122,6 +131,7 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     assert r.code == 0, r.err
     state = Workspace.open(ws_root).round_state(1)
     assert state.selected and not state.labeled and not state.trained and not state.evaluated
+    assert not final.folder.exists()
     assert (pd.read_parquet(ws_root / "rounds/001/query.parquet")["strategy"] == "margin").all()
 
     # a strategy's notes reach the user: here "auto" KMeans levels with the threshold at 0

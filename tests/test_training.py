@@ -2,6 +2,7 @@
 evaluation writes mIoU, the full reference, and the CLI's train/evaluate/label."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,40 @@ def test_full_reference_trains_and_evaluates(trained_ws) -> None:
     assert stored["evaluation"]["miou"] == result["miou"] and stored["training"]["epochs"] == 1
 
 
+def test_final_retraining_is_the_reference_but_for_the_labels(trained_ws, tmp_path: Path, scenes: Path) -> None:
+    from gpual.evaluation import evaluate
+    from gpual.superpixels import read_index
+    from gpual.training import load_checkpoint, train_final, train_full
+
+    # Fresh weights, its own folder: the round's model and metrics stay as they were.
+    ws, _ = trained_ws
+    round_metrics = ws.read_metrics(0)
+    summary = train_final(ws, 0, CPU, epochs=1)
+    run = ws.model_run(0, final=True)
+    assert run.checkpoint == ws.round_dir(0) / "final" / "checkpoint.pt" and run.checkpoint.exists() and not run.state.exists()
+    assert summary["epochs"] == 1 and summary["images"] == 6
+    student, _, _, meta = load_checkpoint(run.checkpoint, CPU)
+    assert meta["round"] == 0 and meta["final"] is True and meta["epochs"] == 1
+    round_student = load_checkpoint(ws.checkpoint_path(0), CPU)[0]
+    assert not torch.equal(student.classifier[4].weight, round_student.classifier[4].weight)
+    result = evaluate(ws, 0, "val", CPU, final=True)
+    assert ws.read_run_metrics(run)["evaluation"]["miou"] == result["miou"] and result["final"] is True
+    assert ws.read_metrics(0) == round_metrics
+    assert ws.status()["rounds"][0]["final_miou"] == result["miou"]
+    with pytest.raises(GpualError, match="already exists"):
+        train_final(ws, 0, CPU, epochs=1)
+
+    # With every region labelled, the final retraining is the reference, weight for weight:
+    # same initialisation, shuffles, flips and dropout; only the labels may differ.
+    everything = labeled_workspace(tmp_path / "all", scenes, budget=int(read_index(ws)["n_regions"].sum()))
+    train_final(everything, 0, CPU, epochs=1)
+    train_full(everything, CPU, epochs=1)
+    final = load_checkpoint(everything.model_run(0, final=True).checkpoint, CPU)[0].state_dict()
+    full = load_checkpoint(everything.model_run(None).checkpoint, CPU)[0].state_dict()
+    for name, value in full.items():
+        assert torch.equal(value, final[name]), name
+
+
 def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
     from gpual.config import make_config
     from gpual.evaluation import evaluate
@@ -307,6 +342,12 @@ def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
         evaluate(ws, 0, "val", CPU)
     with pytest.raises(GpualError, match="gpual train .* --full"):
         evaluate(ws, None, "val", CPU)
+    from gpual.training import train_final
+
+    with pytest.raises(GpualError, match="no select step"):
+        train_final(ws, 0, CPU)
+    with pytest.raises(GpualError, match=r"round 0 \(final retraining\) is not trained: run `gpual train .* --round 0 --final`"):
+        evaluate(ws, 0, "val", CPU, final=True)
 
 
 # --- CLI --------------------------------------------------------------------------------
@@ -339,3 +380,16 @@ def test_cli_label_train_evaluate(capsys, tmp_path: Path, scenes: Path) -> None:
     assert ws.read_metrics(0)["evaluation"]["split"] == "val"
     r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--split", "train")
     assert r.code == 2 and "val or test" in r.err
+    r = run_cli(capsys, "train", ws.root, "--full", "--final")
+    assert r.code == 2 and "give --round N, not --full" in r.err
+    r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--final")
+    assert r.code == 1 and "--round 0 --final` first" in r.err
+    r = run_cli(capsys, "train", ws.root, "--round", "0", "--final", "--epochs", "1", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "round 0 (final retraining)" in r.out and "--round 0 --final --split val" in r.out
+    r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--final", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "round 0 (final retraining) on 'val'" in r.out and ws.read_run_metrics(ws.model_run(0, final=True))["evaluation"]
+    r = run_cli(capsys, "status", ws.root, "--json")
+    final = ws.read_run_metrics(ws.model_run(0, final=True))["evaluation"]["miou"]
+    assert r.code == 0 and json.loads(r.out)["rounds"][0]["final_miou"] == final
