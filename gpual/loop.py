@@ -80,12 +80,17 @@ def rounds_summary(ws: Workspace, rounds: int) -> list[dict[str, Any]]:
     """Per round: strategy, labeled regions, labeled pixel share, mIoU and cumulative
     training epochs of the round's model, and the final retraining's mIoU and epochs where
     it ran (else None), from the metrics JSON files."""
-    rows, epochs = [], 0
+    rows: list[dict[str, Any]] = []
+    epochs: int | None = 0
     for r in range(rounds):
         metrics = ws.read_metrics(r)
         trained = metrics.get("training", {}).get("epochs")
-        # Rounds continue from the last one unless reinit_each_round: their epochs add up.
-        epochs = None if trained is None else trained + (0 if ws.config.train.reinit_each_round or epochs is None else epochs)
+        # Rounds continue from the last one unless reinit_each_round: their epochs add up
+        # (unknown from the first round without a training record on).
+        if ws.config.train.reinit_each_round:
+            epochs = trained
+        else:
+            epochs = None if trained is None or epochs is None else epochs + trained
         final = ws.read_run_metrics(ws.model_run(r, final=True))
         rows.append(
             {

@@ -15,6 +15,7 @@ from gpual import clustering
 from gpual.acquisition import acquire
 from gpual.backend import cpu_backend
 from gpual.config import make_config
+from gpual.loop import rounds_summary
 from gpual.oracle import label_round
 from gpual.superpixels import build_cache, load_superpixels, read_index
 from gpual.training import train_round
@@ -121,6 +122,10 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     final = ws.model_run(1, final=True)
     assert "round 1, final retraining: mIoU" in r.out and final.checkpoint.exists()
     assert ws.read_run_metrics(final)["training"]["epochs"] == ws.config.train.final_epochs
+    rows = rounds_summary(ws, 2)  # round 1 continued round 0: one epoch each, two in all
+    assert [row["epochs_trained"] for row in rows] == [1, 2]
+    assert [row["final_epochs"] for row in rows] == [None, ws.config.train.final_epochs]
+    assert rows[0]["final_miou"] is None and rows[1]["final_miou"] == ws.read_run_metrics(final)["evaluation"]["miou"]
     assert {k: v for k, v in _files(ws_root).items() if not k.startswith(("rounds/001/overlays", "rounds/001/final/"))} == {
         k: v for k, v in after.items() if not k.startswith("rounds/001/overlays")}
 
