@@ -12,8 +12,11 @@ Two mIoUs per round. The round's model is fine-tuned round after round, so round
 trained ``epochs_per_round`` x (r + 1) epochs (the table says how many) while the reference
 trains ``final_epochs`` from fresh weights: their ratio mixes labels with training time.
 ``--final`` adds, for the rounds it names, the paper's final retraining (``gpual train
---round N --final``): fresh weights, ``final_epochs``, the reference's seeds, so the labels
-are the only difference and mIoU(final) / mIoU(full) is METHOD.md's headline ratio.
+--round N --final``): fresh weights and ``final_epochs`` as the reference, so
+mIoU(final) / mIoU(full) is METHOD.md's headline ratio. The reference is trained once,
+with the preset's ``train.seed`` (0 unless ``--set train.seed=...``); the run of that seed
+shares its seeds too (initial weights, shuffles, flips, dropout), so there the labels are
+the only difference; the other seeds' runs differ from it in their seeds as well.
 
 Each (strategy, seed) gets its own workspace under ``--out`` (superpixels are computed
 once and copied); ``--set`` values name the workspaces and the curves, so variants live
@@ -116,7 +119,8 @@ def workspace_for(out: Path, name: str, base: Workspace, config: Config, skip: t
 
 
 def share_round_zero(source: Workspace, target: Workspace) -> bool:
-    """Copy a finished round 0 (query, labels, checkpoint, metrics) from ``source`` to ``target``.
+    """Copy a finished round 0 (query, labels, checkpoint, metrics, and its final retraining
+    if any: it reads the same labels and training settings) from ``source`` to ``target``.
 
     Only where the two configs are equal but for what round 0 does not read (the strategy,
     the region score, UMAP and KMeans settings) and process counts (:data:`SPEED_ONLY`), and
@@ -247,8 +251,8 @@ def main() -> None:
     parser.add_argument("--init-budget", type=int, help="round-0 regions (default: the preset's)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--final", default="", metavar="ROUNDS",
-                        help="rounds whose labels also get the final retraining (fresh weights, final_epochs, the "
-                             "reference's seeds): last, all, or e.g. 2,4")
+                        help="rounds whose labels also get the final retraining (fresh weights, final_epochs, as the "
+                             "reference): last, all, or e.g. 2,4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="config value for every run, e.g. acquisition.region_score=mean (repeatable); "
@@ -264,6 +268,7 @@ def main() -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     start = time.perf_counter()
+    finals = final_rounds(args.final, args.rounds)  # bad input is refused before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         from gpual.synthetic import make_scenes
@@ -280,7 +285,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         acquisition["init_budget"] = args.init_budget
     settings = parse_settings(args.settings)
     common = merge_tables(settings, {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition})
-    finals = final_rounds(args.final, args.rounds)
     backend = get_backend(args.device)
 
     from gpual.superpixels import build_cache
@@ -332,7 +336,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         "final_rounds": list(finals),
         "curves": curves,
         "ratio_to_full": {s: [[row["miou"] / full for row in run] for run in runs] for s, runs in curves.items()},
-        # The headline ratio (same network, schedule and seeds as the reference), where run.
+        # The headline ratio (same network and schedule as the reference), where run.
         "final_ratio_to_full": {s: [[None if row["final_miou"] is None else row["final_miou"] / full for row in run]
                                     for run in runs] for s, runs in curves.items()},
         "wall_seconds": time.perf_counter() - start,

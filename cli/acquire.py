@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.main import DeviceOpt, RoundOpt, WorkspaceArg, console, workspace_path
+from cli.main import DeviceOpt, RoundOpt, WorkspaceArg, cell, console, final_columns, workspace_path
 from gpual.config import STRATEGIES
 from gpual.workspace import CONFIG_NAME, Workspace
 
@@ -92,21 +92,17 @@ def select(
 
 
 def _print_rounds(rows: list[dict[str, Any]]) -> None:
-    finals = any(row.get("final_miou") is not None for row in rows)
-    columns = ("round", "strategy", "labeled regions", "labeled pixels", "mIoU") + (("mIoU, final retraining",) if finals else ())
-    table = Table(*columns, title="active learning")
+    extra = final_columns(rows)
+    table = Table("round", "strategy", "labeled regions", "labeled pixels", "mIoU", *extra, title="active learning")
     for row in rows:
-        share, miou = row["labeled_share"], row["miou"]
-        cells = [
+        table.add_row(
             str(row["round"]),
             str(row["strategy"] or "-"),
             str(row["labeled_regions"] if row["labeled_regions"] is not None else "-"),
-            f"{share:.2%}" if share is not None else "-",
-            f"{miou:.4f}" if miou is not None else "-",
-        ]
-        if finals:
-            cells.append(f"{row['final_miou']:.4f}" if row.get("final_miou") is not None else "-")
-        table.add_row(*cells)
+            cell(row["labeled_share"], ".2%"),
+            cell(row["miou"], ".4f"),
+            *((cell(row["final_miou"], ".4f"),) if extra else ()),
+        )
     console.print(table)
 
 

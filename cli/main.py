@@ -30,6 +30,16 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when 
 RoundOpt = typer.Option(..., "--round", "-r", help="Round number (0 = the random initial labels).", min=0)
 
 
+def cell(value: float | None, form: str) -> str:
+    """A table cell: ``value`` in ``form`` (e.g. ".4f", ".2%"), or "-" when it is absent."""
+    return "-" if value is None else format(value, form)
+
+
+def final_columns(rows: list[dict]) -> tuple[str, ...]:
+    """The final-retraining column's header when any round row has a ``final_miou``, else none."""
+    return ("mIoU, final retraining",) if any(row.get("final_miou") is not None for row in rows) else ()
+
+
 def workspace_path(path: Path) -> Path:
     """Normalise a workspace argument (no existence check: commands decide)."""
     return Path(path).expanduser()

@@ -23,6 +23,8 @@ def _model_run(ws: Workspace, round: int | None, full: bool, final: bool, comman
     """The model ``gpual COMMAND`` acts on, from its --round / --full / --final flags."""
     if full and round is not None:
         raise GpualError(f"give --round N or --full to `gpual {command}`, not both", 2)
+    if final and round is None:
+        raise GpualError(f"--final retrains a round's labels: give `gpual {command}` --round N with it", 2)
     if not full and round is None:
         raise GpualError(f"`gpual {command}` needs --round N (or --full for the full-supervision reference)", 2)
     return ws.model_run(None if full else round, final)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cli.main import WorkspaceArg, console, workspace_path
+from cli.main import WorkspaceArg, cell, console, final_columns, workspace_path
 from gpual.config import DATASET_KINDS, make_config, merge_tables, parse_settings, preset_names
 from gpual.workspace import Workspace
 
@@ -55,22 +55,17 @@ def status(
         f"[bold]{info['workspace']}[/]  {info['dataset']} at {info['data']}\n"
         f"pool: {info['pool_images']} images, {info['pool_regions']} regions, {info['pool_pixels']} pixels"
     )
-    finals = any(r.get("final_miou") is not None for r in info["rounds"])
-    table = Table("round", "select", "label", "train", "evaluate", "labeled regions", "labeled share", "mIoU",
-                  *(("mIoU, final retraining",) if finals else ()))
+    extra = final_columns(info["rounds"])
+    table = Table("round", "select", "label", "train", "evaluate", "labeled regions", "labeled share", "mIoU", *extra)
     mark = {True: "[green]done[/]", False: "-"}
-
-    def number(value: float | None, form: str) -> str:
-        return format(value, form) if value is not None else "-"
-
     for r in info["rounds"]:
         table.add_row(
             str(r["round"]),
             *(mark[r[s]] for s in ("select", "label", "train", "evaluate")),
             str(r.get("labeled_regions", "-")),
-            number(r.get("labeled_share"), ".2%"),
-            number(r.get("miou"), ".4f"),
-            *((number(r.get("final_miou"), ".4f"),) if finals else ()),
+            cell(r.get("labeled_share"), ".2%"),
+            cell(r.get("miou"), ".4f"),
+            *((cell(r.get("final_miou"), ".4f"),) if extra else ()),
         )
     if info["rounds"]:
         console.print(table)

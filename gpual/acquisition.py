@@ -11,6 +11,8 @@ host. Round 0 has no model: it draws ``init_budget`` regions uniformly at random
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,6 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from gpual import atomic
 from gpual.backend import Backend
 from gpual.datasets import read_image
 from gpual.errors import GpualError
@@ -112,6 +115,12 @@ def acquire(
     ws.require(round, "select", "select")
     if ws.query_path(round).exists() and not force:
         raise GpualError(f"round {round} is already selected: pass --force to select it again (its later steps are discarded)")
+    later = [r for r in ws.rounds() if r > round]
+    if force and later:
+        raise GpualError(
+            f"round {later[0]} is built on round {round}'s labels: selecting round {round} again would leave it stale; "
+            f"delete {ws.round_dir(later[0])} and the rounds after it first, or start a new workspace"
+        )
 
     t_start = time.perf_counter()
     index = read_index(ws)
@@ -185,19 +194,20 @@ def acquire(
 
 
 def _discard_later_steps(ws: Workspace, round: int) -> None:
-    """A forced re-selection invalidates this round's labels, model, final retraining and evaluation."""
-    import shutil
-
+    """A forced re-selection invalidates this round's labels, model, final retraining and
+    their records (labeling, training, evaluation)."""
     for path in (ws.labeled_path(round), ws.checkpoint_path(round), ws.resume_path(round)):
         path.unlink(missing_ok=True)
-    shutil.rmtree(ws.final_dir(round), ignore_errors=True)
+    final = ws.final_dir(round)
+    if final.exists():  # renamed first (atomic), so an interruption never leaves half of it
+        gone = final.with_name(".final.discarded")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(final, gone)
+        shutil.rmtree(gone)
     metrics = ws.read_metrics(round)
-    if "evaluation" in metrics or "labeling" in metrics:
-        metrics.pop("evaluation", None)
-        metrics.pop("labeling", None)
-        from gpual import atomic
-
-        atomic.write_json(ws.metrics_path(round), metrics)
+    stale = {"labeling", "training", "evaluation", "evaluations"} & set(metrics)
+    if stale:
+        atomic.write_json(ws.metrics_path(round), {k: v for k, v in metrics.items() if k not in stale})
 
 
 def _global_ids(index: pd.DataFrame, table: pd.DataFrame) -> np.ndarray:

@@ -57,7 +57,8 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
     if round is not None and not final:
         ws.require(round, "evaluate", "evaluate")
     elif not run.checkpoint.exists():
-        raise GpualError(f"{run.label} is not trained: run `gpual train {ws.root} {run.flags}` first")
+        resume = " --resume" if run.state.exists() else ""  # an interrupted training continues
+        raise GpualError(f"{run.label} is not trained: run `gpual train {ws.root} {run.flags}{resume}` first")
     path = run.checkpoint
     teacher, meta = load_teacher(path, device)
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)

@@ -190,7 +190,7 @@ class RegionPooler:
 
     Memory: (R + 1, D + 3) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
     whatever the pool's pixel count (row R collects padding), plus per batch a transient
-    (B, r + 1, h * w) ``A`` (r = the most regions of an image in the batch: 74 MB for 16
+    (B, r + 1, h * w) ``A`` (r = the most regions of an image in the batch: 75 MB for 16
     CamVid frames at 360x480, stride 8). Float sums on CUDA use atomics, so the last bits
     may differ from run to run.
 

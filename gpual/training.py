@@ -27,7 +27,8 @@ Decisions the brief leaves open:
   the student's last ~20 steps, which the teacher (an EMA over ~100 steps) follows closely;
   a teacher forward would cost a third more compute per step.
 - Randomness: every epoch reseeds torch's global RNG (dropout), the loader's shuffle and
-  the sampling generator (flips, anchors, negatives) from (train.seed, round, epoch), so
+  the sampling generator (flips, anchors, negatives) from (train.seed, round, epoch) (the
+  full reference and every final retraining use FULL_TAG in place of the round), so
   a run resumed from its last finished epoch continues exactly as an uninterrupted one
   would without saving RNG states (bit-identical on CPU; CUDA kernels such as the
   upsampling backward add in a nondeterministic order).
@@ -62,7 +63,7 @@ from gpual.workspace import ModelRun, Workspace
 CHECKPOINT_FORMAT = "gpual-checkpoint-1"
 RESUME_FORMAT = "gpual-train-state-1"
 OUTPUT_STRIDE = 8  # see gpual.model: the fcn_resnet50 geometry for every backbone
-FULL_TAG = -1  # the "round" of the full-supervision reference in seeds and metadata
+FULL_TAG = -1  # the "round" of the full reference and of final retrainings in seeds
 
 Progress = Callable[[int, int], None]  # (steps done, steps in total)
 StepLog = Callable[[dict[str, Any]], None]  # after every step: epoch, batch, loss, ce, nce, anchors
@@ -377,10 +378,12 @@ def train_final(ws: Workspace, round: int, device: torch.device, resume: bool = 
     """The final retraining on round ``round``'s labels (the paper's last stage): fresh
     weights, ``train.final_epochs``, into ``rounds/NNN/final/``.
 
-    It runs the reference's schedule with the reference's seeds (initial weights, shuffles,
-    flips, dropout), so against :func:`train_full` the labels are the only difference and
-    mIoU(final) / mIoU(full) is the headline ratio of METHOD.md. Round ``round`` needs its
-    labels, not its own training.
+    It runs the reference's schedule (epochs, optimiser, fresh weights) with the reference's
+    seeds for the same ``train.seed`` (initial weights, shuffles, flips, dropout), so against
+    :func:`train_full` in the same workspace the labels are the only difference, and
+    mIoU(final) / mIoU(full) is the headline ratio of METHOD.md. The training set holds the
+    images with a labelled pixel: while some have none, an epoch has fewer steps than the
+    reference's. Round ``round`` needs its labels, not its own training.
     """
     ws.require(round, "train", "train --final")
     return _train(ws, ws.model_run(round, final=True), sparse_training_set(ws, round), tag=FULL_TAG, init=None,
@@ -480,8 +483,10 @@ def _train(ws: Workspace, run: ModelRun, data: TrainingSet, tag: int, init: Path
         "amp": t.amp,
         "backbone": config.model.backbone,
         "bank_filled": [int(n) for n in t.bank.filled()],
+        "init": None if init is None else str(init),  # the checkpoint it started from; None: fresh weights
     }
-    ws.update_run_metrics(run, training=summary)
+    # A new model: an evaluation of the one it replaces no longer describes it.
+    ws.update_run_metrics(run, drop=("evaluation", "evaluations"), training=summary)
     save_checkpoint(checkpoint, t, {**meta, "round": run.round, "final": run.final, "epochs": epochs,
                                     "fingerprint": data.fingerprint})
     state_path.unlink(missing_ok=True)

@@ -298,13 +298,16 @@ class Workspace:
         """The metrics JSON of any :class:`ModelRun` ({} before it has any)."""
         return _read_metrics(run.metrics)
 
-    def update_run_metrics(self, run: ModelRun, **sections: Any) -> dict[str, Any]:
-        """Merge ``sections`` into a :class:`ModelRun`'s metrics JSON (atomic rewrite)."""
-        return _merge_metrics(run.metrics, sections)
+    def update_run_metrics(self, run: ModelRun, drop: tuple[str, ...] = (), **sections: Any) -> dict[str, Any]:
+        """Merge ``sections`` into a :class:`ModelRun`'s metrics JSON, without the sections
+        named in ``drop`` (one atomic rewrite)."""
+        return _merge_metrics(run.metrics, sections, drop)
 
     # --- status -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """Rounds, labeled regions and pixel share, and the next command to run."""
+        """Rounds (labeled regions and pixel share, mIoU, and ``final_miou`` where a round's
+        final retraining is evaluated), the full reference's mIoU (``full_miou``, None before
+        it is evaluated), and the next command to run."""
         from gpual.superpixels import read_index  # the superpixel stage owns its index
 
         index = read_index(self) if (self.superpixel_dir / "index.parquet").exists() else None
@@ -376,8 +379,9 @@ def _read_metrics(path: Path) -> dict[str, Any]:
         raise GpualError(f"{path} is corrupt: delete it and run the step that wrote it again") from None
 
 
-def _merge_metrics(path: Path, sections: dict[str, Any]) -> dict[str, Any]:
-    """Merge top-level ``sections`` into the metrics JSON at ``path`` (atomic rewrite)."""
-    metrics = {**_read_metrics(path), **sections}
+def _merge_metrics(path: Path, sections: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Merge top-level ``sections`` into the metrics JSON at ``path``, less the sections in
+    ``drop`` (atomic rewrite)."""
+    metrics = {**{k: v for k, v in _read_metrics(path).items() if k not in drop}, **sections}
     atomic.write_json(path, metrics)
     return metrics

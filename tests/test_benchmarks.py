@@ -44,6 +44,10 @@ def _finished_round_zero(root: Path, strategy: str, **acquisition) -> Workspace:
     (ws.round_dir(0) / "checkpoint.pt").write_bytes(b"weights")
     (ws.round_dir(0) / "train_state.pt").write_bytes(b"resume state")
     atomic.write_json(ws.metrics_path(0), {"evaluation": {"miou": 0.25}})
+    final = ws.model_run(0, final=True)
+    final.folder.mkdir()
+    final.checkpoint.write_bytes(b"final weights")
+    final.state.write_bytes(b"final resume state")
     return ws
 
 
@@ -59,6 +63,9 @@ def test_share_round_zero_copies_only_between_equal_configs(tmp_path: Path) -> N
     assert (same.round_dir(0) / "checkpoint.pt").read_bytes() == b"weights"
     assert not (same.round_dir(0) / "train_state.pt").exists()
     assert same.read_metrics(0)["evaluation"]["miou"] == 0.25
+    # Its final retraining (same labels, same training settings) comes along, finished only.
+    final = same.model_run(0, final=True)
+    assert final.checkpoint.read_bytes() == b"final weights" and not final.state.exists()
     assert not list(same.rounds_dir.glob(".*"))  # no temporary folder left
     assert not al_curve.share_round_zero(source, same)  # already there
     assert not al_curve.share_round_zero(source, other)  # another round-0 budget

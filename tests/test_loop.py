@@ -83,12 +83,26 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_scenes(tmp_path_factory.mktemp("data") / "scenes", n_train=6, n_val=2, height=48, width=64).root
 
 
+def test_rounds_summary_adds_the_epochs_of_continued_rounds(tmp_path: Path) -> None:
+    from gpual import atomic
+
+    def epochs(name: str, per_round: tuple[int | None, ...], reinit: bool) -> list[int | None]:
+        ws = Workspace.create(tmp_path / name, make_config("demo", {"train": {"reinit_each_round": reinit}}))
+        for r, n in enumerate(per_round):
+            atomic.write_json(ws.metrics_path(r), {} if n is None else {"training": {"epochs": n}})
+        return [row["epochs_trained"] for row in rounds_summary(ws, len(per_round))]
+
+    assert epochs("chain", (2, 3, 3), reinit=False) == [2, 5, 8]
+    assert epochs("gap", (2, None, 3), reinit=False) == [2, None, None]  # unknown from the gap on
+    assert epochs("fresh", (2, None, 3), reinit=True) == [2, None, 3]  # each round from fresh weights
+
+
 def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, scenes: Path) -> None:
     ws_root = tmp_path / "ws"
     assert run_cli(capsys, "init", ws_root, "--data", scenes, "--dataset", "folder", "--preset", "demo").code == 0
     config = ws_root / "gpual.toml"
     text = config.read_text()
-    text = text.replace("epochs_per_round = 4", "epochs_per_round = 1")
+    text = text.replace("epochs_per_round = 4", "epochs_per_round = 1").replace("final_epochs = 12", "final_epochs = 2")
     text = text.replace("init_budget = 120", "init_budget = 40").replace("budget = 60", "budget = 10")
     config.write_text(text)
 
@@ -122,6 +136,8 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     final = ws.model_run(1, final=True)
     assert "round 1, final retraining: mIoU" in r.out and final.checkpoint.exists()
     assert ws.read_run_metrics(final)["training"]["epochs"] == ws.config.train.final_epochs
+    assert ws.read_run_metrics(final)["training"]["init"] is None  # fresh weights, not round 0's
+    assert ws.read_metrics(1)["training"]["init"] == str(ws.checkpoint_path(0))
     rows = rounds_summary(ws, 2)  # round 1 continued round 0: one epoch each, two in all
     assert [row["epochs_trained"] for row in rows] == [1, 2]
     assert [row["final_epochs"] for row in rows] == [None, ws.config.train.final_epochs]
@@ -136,7 +152,12 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     assert r.code == 0, r.err
     state = Workspace.open(ws_root).round_state(1)
     assert state.selected and not state.labeled and not state.trained and not state.evaluated
-    assert not final.folder.exists()
+    assert not final.folder.exists() and "training" not in ws.read_metrics(1)
+    # round 1 is built on round 0's labels: round 0 cannot be selected again under it
+    before = _files(ws_root)
+    r = run_cli(capsys, "select", ws_root, "--round", "0", "--force")
+    assert r.code == 1 and "round 1 is built on round 0's labels" in r.err
+    assert _files(ws_root) == before
     assert (pd.read_parquet(ws_root / "rounds/001/query.parquet")["strategy"] == "margin").all()
 
     # a strategy's notes reach the user: here "auto" KMeans levels with the threshold at 0

@@ -316,6 +316,10 @@ def test_final_retraining_is_the_reference_but_for_the_labels(trained_ws, tmp_pa
     assert ws.status()["rounds"][0]["final_miou"] == result["miou"]
     with pytest.raises(GpualError, match="already exists"):
         train_final(ws, 0, CPU, epochs=1)
+    # Training it again (checkpoint deleted) drops the evaluation of the model it replaces.
+    run.checkpoint.unlink()
+    train_final(ws, 0, CPU, epochs=1)
+    assert "evaluation" not in ws.read_run_metrics(run) and "final_miou" not in ws.status()["rounds"][0]
 
     # With every region labelled, the final retraining is the reference, weight for weight:
     # same initialisation, shuffles, flips and dropout; only the labels may differ.
@@ -326,6 +330,28 @@ def test_final_retraining_is_the_reference_but_for_the_labels(trained_ws, tmp_pa
     full = load_checkpoint(everything.model_run(None).checkpoint, CPU)[0].state_dict()
     for name, value in full.items():
         assert torch.equal(value, final[name]), name
+
+
+def test_interrupted_final_retraining_resumes(tmp_path: Path, scenes: Path) -> None:
+    from gpual.evaluation import evaluate
+    from gpual.training import train_final
+
+    ws = labeled_workspace(tmp_path / "ws", scenes)
+    run = ws.model_run(0, final=True)
+
+    def interrupt(done: int, total: int) -> None:
+        if done > total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_final(ws, 0, CPU, epochs=2, progress=interrupt)
+    assert run.state.exists() and not run.checkpoint.exists()
+    with pytest.raises(GpualError, match=r"--round 0 --final --resum"):
+        evaluate(ws, 0, "val", CPU, final=True)
+    with pytest.raises(GpualError, match=r"--round 0 --final --resume"):
+        train_final(ws, 0, CPU, epochs=2)
+    assert train_final(ws, 0, CPU, epochs=2, resume=True)["resumed_from_epoch"] == 1
+    assert run.checkpoint.exists() and not run.state.exists()
 
 
 def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
@@ -362,6 +388,8 @@ def test_cli_label_train_evaluate(capsys, tmp_path: Path, scenes: Path) -> None:
     ws = Workspace.create(tmp_path / "ws", make_config("demo", {"data": {"root": str(scenes), "dataset": "folder"}}))
     build_cache(ws, workers=1)
     acquire(ws, 0, cpu_backend(), budget=40)
+    r = run_cli(capsys, "train", ws.root, "--round", "0", "--final")
+    assert r.code == 1 and "round 0 has no label step yet" in r.err
     r = run_cli(capsys, "label", ws.root, "--round", "0")
     assert r.code == 0, r.err
     assert "40 regions labeled" in r.out
@@ -381,7 +409,9 @@ def test_cli_label_train_evaluate(capsys, tmp_path: Path, scenes: Path) -> None:
     r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--split", "train")
     assert r.code == 2 and "val or test" in r.err
     r = run_cli(capsys, "train", ws.root, "--full", "--final")
-    assert r.code == 2 and "give --round N, not --full" in r.err
+    assert r.code == 2 and "give `gpual train` --round N with it" in r.err
+    r = run_cli(capsys, "evaluate", ws.root, "--final")
+    assert r.code == 2 and "give `gpual evaluate` --round N with it" in r.err
     r = run_cli(capsys, "evaluate", ws.root, "--round", "0", "--final")
     assert r.code == 1 and "--round 0 --final` first" in r.err
     r = run_cli(capsys, "train", ws.root, "--round", "0", "--final", "--epochs", "1", "--device", "cpu")
