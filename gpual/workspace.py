@@ -187,14 +187,14 @@ class Workspace:
         return self.round_dir(round) / "labeled.parquet"
 
     def checkpoint_path(self, round: int) -> Path:
-        return self.round_dir(round) / "checkpoint.pt"
+        return self.model_run(round).checkpoint
 
     def resume_path(self, round: int) -> Path:
         """Per-epoch training state of a round in progress (removed when it finishes)."""
-        return self.round_dir(round) / "train_state.pt"
+        return self.model_run(round).state
 
     def metrics_path(self, round: int) -> Path:
-        return self.round_dir(round) / "metrics.json"
+        return self.model_run(round).metrics
 
     def overlay_dir(self, round: int) -> Path:
         return self.round_dir(round) / "overlays"
