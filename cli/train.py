@@ -66,7 +66,7 @@ def train(
     the end), then rounds/N/checkpoint.pt and the training summary in rounds/N/metrics.json.
     With --full: every pool label, into full/checkpoint.pt and full/metrics.json. With
     --round N --final: the final retraining on round N's labels from fresh weights, with the
-    reference's schedule and seeds, into rounds/NNN/final/ (the paper's last stage, and the
+    reference's schedule and seeds (same train.seed), into rounds/NNN/final/ (the paper's last stage, and the
     model whose mIoU over the reference's is the headline ratio).
     """
     from gpual.training import torch_device, train_final, train_full, train_round
