@@ -119,6 +119,15 @@ def _reporter(r: int, step: str, info: dict[str, Any]) -> None:
         console.print(f"round {r}: selected {info['regions']} regions ({info['strategy']})")
         for note in info.get("notes", []):
             console.print(f"round {r}: note: {note}")
+    elif step == "label":
+        console.print(f"round {r}: {info['answered']} regions answered by the simulated oracle ({info['labeled_share']:.2%} of the pool labelled)")
+    elif step == "await labels":
+        console.print(
+            f"round {r}: {info['answered']:,} / {info['queried']:,} regions answered; the pool has no ground truth, so a person "
+            f"labels them: `gpual annotate {info['workspace']} --round {r}` (or `gpual export` / `gpual import`), then run again"
+        )
+    elif step == "note":
+        console.print(f"note: {info['text']}")
     elif step == "superpixels":
         console.print(f"superpixels: {info.get('images')} images, {info.get('regions_mean', 0):.0f} regions per image")
 

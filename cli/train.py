@@ -31,23 +31,25 @@ def _model_run(ws: Workspace, round: int | None, full: bool, final: bool, comman
 
 
 def label(workspace: Path = WorkspaceArg, round: int = RoundOpt) -> None:
-    """Simulated oracle: reveal the ground truth of round N's selected regions.
+    """Simulated oracle (the benchmark path): answer round N's queried regions from the pool's ground truth.
 
-    Reads rounds/N/query.parquet, rounds/N-1/labeled.parquet, the pool's label files and
-    the superpixel cache; writes rounds/N/labeled.parquet (the cumulative labeled set) and
-    the labeling summary in rounds/N/metrics.json.
+    Reads rounds/N/query.parquet, the pool's label files and the superpixel cache; writes
+    the answers of the regions that have none yet into the label store
+    (rounds/N/answers.parquet and rounds/N/answers/*.png, source oracle-pixel or
+    oracle-dominant after acquisition.oracle). A person labels with `gpual annotate`, an
+    annotation tool's export comes in with `gpual import`.
     """
     from gpual.oracle import label_round
 
     ws = Workspace.open(workspace_path(workspace))
     with ws.lock("label"):
-        label_round(ws, round)
-    info = ws.read_metrics(round)["labeling"]
+        info = label_round(ws, round)
     console.print(
-        f"round {round}: {info['new_regions']} regions labeled ({info['new_pixels']} pixels, oracle {info['oracle']}); "
-        f"cumulative {info['regions']} regions, {info['pixels']} pixels = {info['labeled_share']:.2%} of the pool"
+        f"round {round}: {info['answered']} of {info['queried']} regions answered by the oracle ({info['new_pixels']} pixels, "
+        f"{', '.join(info['sources'])}); cumulative {info['regions']} regions, {info['pixels']} pixels = "
+        f"{info['labeled_share']:.2%} of the pool"
     )
-    console.print(f"wrote {ws.labeled_path(round)}; next: gpual train {ws.root} --round {round}")
+    console.print(f"wrote {ws.answers_path(round)}; next: gpual train {ws.root} --round {round}")
 
 
 def train(
@@ -58,10 +60,13 @@ def train(
     device: str = TrainDeviceOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last finished epoch."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (default: train.epochs_per_round, or train.final_epochs with --full or --final)."),
+    partial: bool = typer.Option(False, "--partial", help="Train a round whose queried regions are not all answered yet "
+                                 "on the answers there are (the unanswered regions return to the pool)."),
 ) -> None:
     """Train the student (CE + contrastive, EMA teacher, memory bank) on round N's labels.
 
-    Reads rounds/N/labeled.parquet, the pool images and labels, the superpixel cache and
+    Reads the label store of rounds 0..N (rounds/*/answers.parquet and answers/*.png; never
+    the pool's ground truth), the pool images, the superpixel cache and
     rounds/N-1/checkpoint.pt; writes rounds/N/train_state.pt after every epoch (removed at
     the end), then rounds/N/checkpoint.pt and the training summary in rounds/N/metrics.json.
     With --full: every pool label, into full/checkpoint.pt and full/metrics.json. With
@@ -75,7 +80,8 @@ def train(
     run = _model_run(ws, round, full, final, "train")
     dev = torch_device(device)
     if run.round is not None:  # refuse before taking the lock or reading any image
-        ws.require(run.round, "train", "train --final" if run.final else "train")
+        ws.require(run.round, "train", "train --final" if run.final else "train",
+                   partial=partial or (run.final and ws.round_state(run.round).trained))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with ws.lock("train"), Progress(*columns, console=console, transient=True) as bar:
@@ -94,7 +100,7 @@ def train(
         elif run.final:
             summary = train_final(ws, run.round, dev, **options)
         else:
-            summary = train_round(ws, run.round, dev, **options)
+            summary = train_round(ws, run.round, dev, partial=partial, **options)
     table = Table("epoch", "mean loss", title=f"{run.label}: {summary['images']} images, {summary['labeled_pixels']} labeled pixels")
     for i, loss in enumerate(summary["loss_per_epoch"], 1):
         table.add_row(str(i), f"{loss:.4f}")

@@ -194,16 +194,16 @@ def acquire(
 
 
 def _discard_later_steps(ws: Workspace, round: int) -> None:
-    """A forced re-selection invalidates this round's labels, model, final retraining and
-    their records (labeling, training, evaluation)."""
-    for path in (ws.labeled_path(round), ws.checkpoint_path(round), ws.resume_path(round)):
+    """A forced re-selection invalidates this round's answers (the answer table first: it
+    is the label store's commit), model, final retraining and their records (labeling, training, evaluation)."""
+    for path in (ws.answers_path(round), ws.checkpoint_path(round), ws.resume_path(round)):
         path.unlink(missing_ok=True)
-    final = ws.final_dir(round)
-    if final.exists():  # renamed first (atomic), so an interruption never leaves half of it
-        gone = final.with_name(".final.discarded")
-        shutil.rmtree(gone, ignore_errors=True)
-        os.replace(final, gone)
-        shutil.rmtree(gone)
+    for folder in (ws.final_dir(round), ws.answers_dir(round)):
+        if folder.exists():  # renamed first (atomic), so an interruption never leaves half of it
+            gone = folder.with_name(f".{folder.name}.discarded")
+            shutil.rmtree(gone, ignore_errors=True)
+            os.replace(folder, gone)
+            shutil.rmtree(gone)
     metrics = ws.read_metrics(round)
     stale = {"labeling", "training", "evaluation", "evaluations"} & set(metrics)
     if stale:

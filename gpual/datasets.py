@@ -98,14 +98,19 @@ class DatasetSpec:
         """Every (image, label) pair of ``split``, sorted by id; lists files, decodes none.
 
         Raises GpualError if the split's folders are missing, the split is empty, an id
-        appears twice, or an image has no label (or a label no image).
+        appears twice, or an image has no label (or a label no image). In the ``camvid`` and
+        ``folder`` layouts a split without a ``labels/`` folder is an unlabelled pool: its
+        samples have ``label = None`` (people label it through gpual's label store).
         """
         if self.kind in ("camvid", "folder"):
             suffixes = _CAMVID_IMAGE_SUFFIXES if self.kind == "camvid" else _FOLDER_IMAGE_SUFFIXES
             base = self.root / split
             images = _by_stem(_require_dir(base / "images", split, self), suffixes)
-            labels = _by_stem(_require_dir(base / "labels", split, self), (".png",))
-            samples = _pair(images, labels, base / "labels", ".png", base / "images")
+            if (base / "labels").is_dir():
+                labels = _by_stem(base / "labels", (".png",))
+                samples = _pair(images, labels, base / "labels", ".png", base / "images")
+            else:
+                samples = [Sample(stem, image, None) for stem, image in images.items()]
         elif self.kind == "segnet":
             images = _by_stem(_require_dir(self.root / split, split, self), (".png",))
             label_dir = self.root / f"{split}annot"
@@ -121,6 +126,10 @@ class DatasetSpec:
                 f"put the images in {self._image_dir_hint(split)}"
             )
         return sorted(samples, key=lambda s: s.id)
+
+    def has_labels(self, split: str) -> bool:
+        """Whether ``split`` has ground truth (False for an unlabelled pool)."""
+        return all(sample.label is not None for sample in self.samples(split))
 
     def _cityscapes_samples(self, split: str) -> list[Sample]:
         image_root = _require_dir(self.root / "leftImg8bit" / split, split, self)
@@ -393,7 +402,10 @@ def load_pair(spec: DatasetSpec, sample: Sample, scale: float = 1.0) -> tuple[np
     The stored image and label must have the same size (checked before scaling).
     """
     if sample.label is None:
-        raise GpualError(f"sample {sample.id} ({sample.image}) has no label file: this split cannot be used for training")
+        raise GpualError(
+            f"image {sample.image} has no label file (its split has no labels/ folder): evaluation and the full reference "
+            "need ground truth; give this split a labels/ folder"
+        )
     image = _decode(sample.image, cv2.IMREAD_COLOR, "image")
     label = _decode_label(spec, sample.label)
     if image.shape[:2] != label.shape:

@@ -64,6 +64,11 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
     name = split_name(ws, split)
     samples = spec.samples(name)
+    if not spec.has_labels(name):
+        raise GpualError(
+            f"split '{name}' of {spec.root} has no labels/ folder: evaluation needs ground truth; label a validation "
+            "split, or evaluate on another one with --split"
+        )
     classes = list(spec.classes)
     if len(classes) != teacher.num_classes:
         raise GpualError(f"{path} predicts {teacher.num_classes} classes but {spec.root} has {len(classes)}: evaluate on the dataset it was trained on")

@@ -41,12 +41,19 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
     from gpual.superpixels import build_cache
     from gpual.training import train_final, train_round
 
+    from gpual.datasets import open_dataset
+
     report = report or (lambda r, s, i: None)
     progress = progress or (lambda step: None)
     if not (ws.superpixel_dir / "index.parquet").exists():
         summary = build_cache(ws, progress=progress("superpixels"))
         report(-1, "superpixels", vars(summary))
     split = options.split or ws.config.data.val_split
+    spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
+    oracle = spec.has_labels(ws.config.data.pool_split)  # the simulated oracle needs the pool's ground truth
+    scored = split in spec.splits() and spec.has_labels(split)
+    if not scored:
+        report(-1, "note", {"text": f"split '{split}' of {spec.root} has no labels: rounds are not evaluated"})
     for r in range(options.rounds):
         state = ws.round_state(r)
         if not state.selected:
@@ -56,13 +63,16 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
                              progress=progress("select"), cluster=cluster if r > 0 else None)
             report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings,
                                  "notes": result.notes})
+        if not state.labeled and not oracle:
+            # A human loop: the round waits for its answers (annotate or import), then `run` continues.
+            report(r, "await labels", {**ws.labeling(r), "workspace": str(ws.root)})
+            return rounds_summary(ws, options.rounds)
         if not state.labeled:
-            labeled = label_round(ws, r)
-            report(r, "label", ws.read_metrics(r).get("labeling", {"regions": len(labeled)}))
+            report(r, "label", label_round(ws, r))
         if not state.trained:
             info = train_round(ws, r, backend.device, resume=ws.resume_path(r).exists(), progress=progress("train"))
             report(r, "train", info)
-        if not state.evaluated:
+        if not state.evaluated and scored:
             info = evaluate(ws, r, split, backend.device)
             report(r, "evaluate", info)
     for r in sorted(set(options.final)):
@@ -70,7 +80,7 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
         if not run.checkpoint.exists():
             info = train_final(ws, r, backend.device, resume=run.state.exists(), progress=progress("final"))
             report(r, "final", info)
-        if "evaluation" not in ws.read_run_metrics(run):
+        if "evaluation" not in ws.read_run_metrics(run) and scored:
             info = evaluate(ws, r, split, backend.device, final=True)
             report(r, "evaluate final", info)
     return rounds_summary(ws, options.rounds)
@@ -84,6 +94,7 @@ def rounds_summary(ws: Workspace, rounds: int) -> list[dict[str, Any]]:
     epochs: int | None = 0
     for r in range(rounds):
         metrics = ws.read_metrics(r)
+        labeling = ws.labeling(r) if ws.query_path(r).exists() else {}
         trained = metrics.get("training", {}).get("epochs")
         # Rounds continue from the last one unless reinit_each_round: their epochs add up
         # (unknown from the first round without a training record on).
@@ -96,8 +107,8 @@ def rounds_summary(ws: Workspace, rounds: int) -> list[dict[str, Any]]:
             {
                 "round": r,
                 "strategy": metrics.get("acquisition", {}).get("strategy"),
-                "labeled_regions": metrics.get("labeling", {}).get("regions"),
-                "labeled_share": metrics.get("labeling", {}).get("labeled_share"),
+                "labeled_regions": labeling.get("regions"),
+                "labeled_share": labeling.get("labeled_share"),
                 "miou": metrics.get("evaluation", {}).get("miou"),
                 "epochs_trained": epochs,
                 "final_miou": final.get("evaluation", {}).get("miou"),

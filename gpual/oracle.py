@@ -1,5 +1,6 @@
-"""The simulated oracle (METHOD.md, "Oracle and budget"): it reveals ground truth inside
-the selected superpixels and nothing else.
+"""The simulated oracle: it reveals ground truth inside the selected superpixels and
+nothing else, and writes it to the label store (:mod:`gpual.label_store`) as one source
+of answers among others (a person in ``gpual annotate``, an annotation tool's export).
 
 - ``pixel`` (the paper's protocol): every pixel of a selected region gets its own
   ground-truth class (void stays void);
@@ -16,7 +17,7 @@ import pandas as pd
 
 from gpual.config import ORACLES
 from gpual.errors import GpualError
-from gpual.workspace import LABELED_COLUMNS, Workspace
+from gpual.workspace import Workspace
 
 IGNORE_INDEX = 255
 
@@ -71,74 +72,61 @@ def reveal(label: np.ndarray, superpixels: np.ndarray, regions: np.ndarray, mode
     return np.where(inside, answer, np.uint8(ignore_index)).astype(np.uint8)
 
 
-def label_round(ws: Workspace, round: int) -> pd.DataFrame:
-    """Label round ``round``'s query: write the cumulative ``rounds/NNN/labeled.parquet``.
+def label_round(ws: Workspace, round: int) -> dict:
+    """The simulated oracle answers round ``round``'s queried regions that have no answer yet,
+    from the pool's ground truth, into the label store (source ``oracle-pixel`` or
+    ``oracle-dominant``, after ``acquisition.oracle``).
 
-    Reads the query and the previous round's labeled set, counts the pixels and the
-    dominant ground-truth class of every selected region at the working scale, records
-    the labeling summary in the round's metrics and returns the cumulative table
-    (columns ``workspace.LABELED_COLUMNS``). Refuses, writing nothing, when the round is
-    not selected or already labeled, or when a queried region is already labeled or unknown.
+    Returns the labelling summary (:meth:`Workspace.labeling`). Refuses, writing nothing,
+    when the round is not selected, every region already has an answer, the pool has no
+    ground truth, or a queried region is already labelled or unknown.
     """
     from gpual.datasets import open_dataset, read_label
+    from gpual.label_store import answers_from_label_map, record_answers
     from gpual.superpixels import load_superpixels, read_index
 
     ws.require(round, "label", "label")
-    if ws.labeled_path(round).exists():
-        raise GpualError(
-            f"round {round} is already labeled ({ws.labeled_path(round)}): next run `gpual train {ws.root} --round {round}`"
-        )
+    state = ws.round_state(round)
+    if state.labeled:
+        raise GpualError(f"round {round} is already labelled ({state.answered:,} regions answered): next run `gpual train {ws.root} --round {round}`")
     query = ws.read_query(round)
     previous = ws.read_labeled(round - 1)
     index = read_index(ws)
     _check_query(ws, round, query, previous, index)
+    done = ws.read_answers(round)
+    done_keys = set(done["image"].astype(str) + ":" + done["region"].astype(str))
+    query = query[~(query["image"].astype(str) + ":" + query["region"].astype(str)).isin(done_keys)]
 
+    mode = ws.config.acquisition.oracle
+    if mode not in ORACLES:
+        raise GpualError(f"acquisition.oracle = {mode!r} is not one of {', '.join(ORACLES)}: fix it in gpual.toml", 2)
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
     samples = {s.id: s for s in spec.samples(ws.config.data.pool_split)}
-    n_regions = dict(zip(index["image"].astype(str), index["n_regions"].astype(int)))
-    query = query.reset_index(drop=True)
-    pixels_col = np.zeros(len(query), dtype=np.int64)
-    dominant_col = np.zeros(len(query), dtype=np.int32)
-    for image, group in query.groupby("image", sort=False):
+    answers, maps = [], {}
+    for image, group in query.groupby("image", sort=True):
         image = str(image)
         if image not in samples:
             raise GpualError(
                 f"queried image {image!r} is not in split '{ws.config.data.pool_split}' of {spec.root}: "
                 "the dataset changed since the superpixels were computed; restore it or start a new workspace"
             )
+        if samples[image].label is None:
+            raise GpualError(
+                f"the pool split '{ws.config.data.pool_split}' of {spec.root} has no ground truth for the simulated oracle: "
+                f"label round {round} with `gpual annotate {ws.root} --round {round}` or `gpual import`"
+            )
         gt = read_label(spec, samples[image].label, ws.config.data.scale)
-        sp = load_superpixels(ws, image, index)
+        sp = maps[image] = load_superpixels(ws, image, index)
         if gt.shape != sp.shape:
             raise GpualError(
                 f"label {samples[image].label} is {gt.shape[1]}x{gt.shape[0]} at scale {ws.config.data.scale} but its "
-                f"superpixels are {sp.shape[1]}x{sp.shape[0]}: run `gpual superpixels {ws.root}` again"
+                f"superpixels are {sp.shape[1]}x{sp.shape[0]}: the label file does not match its image; fix or replace it"
             )
-        pixels, dominant = region_stats(gt, sp, n_regions[image], spec.ignore_index)
-        ids = group["region"].to_numpy(np.int64)
-        pixels_col[group.index] = pixels[ids]
-        dominant_col[group.index] = dominant[ids]
-    new = pd.DataFrame({"image": query["image"].astype(str), "region": query["region"], "round": round,
-                        "pixels": pixels_col, "dominant": dominant_col})  # in query order
-    table = pd.concat([previous, new], ignore_index=True)
-    table = table[list(LABELED_COLUMNS)].astype(LABELED_COLUMNS).reset_index(drop=True)
-
-    pool_pixels = int(index["pixels"].sum())
-    labeled_pixels = int(table["pixels"].sum())
-    ws.update_metrics(
-        round,
-        labeling={
-            "regions": int(len(table)),
-            "pixels": labeled_pixels,
-            "labeled_share": labeled_pixels / pool_pixels if pool_pixels else 0.0,
-            "new_regions": int(len(query)),
-            "new_pixels": int(new["pixels"].sum()),
-            "images": int(table["image"].nunique()),
-            "all_void_regions": int((table["dominant"] == spec.ignore_index).sum()),
-            "oracle": ws.config.acquisition.oracle,
-        },
-    )
-    ws.write_labeled(round, table)  # the step's commit marker: written last, atomically
-    return table
+        regions = group["region"].to_numpy(np.int64)
+        answer = reveal(gt, sp, regions, mode, spec.ignore_index)
+        answers.append(answers_from_label_map(image, answer, sp, regions, void_is_answer=True)[0])
+    record_answers(ws, round, f"oracle-{mode}", answers, superpixels=maps, num_classes=spec.num_classes)
+    return ws.labeling(round)
 
 
 def _check_query(ws: Workspace, round: int, query: pd.DataFrame, previous: pd.DataFrame, index: pd.DataFrame) -> None:

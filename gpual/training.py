@@ -8,8 +8,8 @@ labels from fresh weights on that schedule (the paper's final retraining) into
 ``rounds/NNN/final/``.
 
 Data: the training set is every pool image with at least one labeled pixel. Its sparse
-targets (the oracle's answer inside labeled regions, 255 elsewhere) are computed once per
-call and kept in memory as uint8 maps at the working scale; images are decoded per batch
+targets (the label store's answers inside answered regions, 255 elsewhere; no round's
+training reads the pool's ground truth) are computed once per call and kept in memory as uint8 maps at the working scale; images are decoded per batch
 (in ``train.num_workers`` loader processes).
 
 One step (:func:`train_step`) reads top to bottom: forward -> CE on labeled pixels ->
@@ -143,41 +143,31 @@ class _ImageTargets(Dataset):
 
 
 def sparse_training_set(ws: Workspace, round: int) -> TrainingSet:
-    """The images of round ``round``'s cumulative labeled set with the oracle's sparse targets
-    (``acquisition.oracle`` mode); images whose labeled regions are all void are left out."""
-    from gpual.datasets import open_dataset, read_label
-    from gpual.oracle import reveal
-    from gpual.superpixels import load_superpixels, read_index
+    """The images with answers in rounds 0..``round`` and their sparse targets, read from the
+    label store (:func:`gpual.label_store.sparse_targets`), never from the pool's ground
+    truth; images whose answers are all void are left out."""
+    from gpual.datasets import open_dataset
+    from gpual.label_store import sparse_targets
 
-    labeled = ws.read_labeled(round)
-    if len(labeled) == 0:
-        raise GpualError(f"round {round} has no labeled regions: run `gpual label {ws.root} --round {round}` with a non-empty query")
+    targets = sparse_targets(ws, round)
+    if not targets:
+        raise GpualError(f"round {round} has no labelled regions: label it first (`gpual annotate {ws.root} --round {round}`, "
+                         f"`gpual import` or the simulated oracle `gpual label`)")
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
     samples = {s.id: s for s in spec.samples(ws.config.data.pool_split)}
-    index = read_index(ws)
-    scale, mode = ws.config.data.scale, ws.config.acquisition.oracle
-    ids, images, targets = [], [], []
-    for image_id, group in labeled.groupby("image", sort=True):
-        image_id = str(image_id)
+    ids, images, kept = [], [], []
+    digest = hashlib.sha1(str(ws.config.data.scale).encode())
+    for image_id, target in targets.items():
         if image_id not in samples:
-            raise GpualError(f"labeled image {image_id!r} is not in the pool split of {spec.root}: restore the dataset")
-        gt = read_label(spec, samples[image_id].label, scale)
-        sp = load_superpixels(ws, image_id, index)
-        if gt.shape != sp.shape:
-            raise GpualError(
-                f"label {samples[image_id].label} is {gt.shape[1]}x{gt.shape[0]} at scale {scale} but its superpixels are "
-                f"{sp.shape[1]}x{sp.shape[0]}: run `gpual superpixels {ws.root}` again"
-            )
-        target = reveal(gt, sp, group["region"].to_numpy(np.int64), mode=mode, ignore_index=spec.ignore_index)
+            raise GpualError(f"labelled image {image_id!r} is not in the pool split of {spec.root}: restore the dataset")
+        digest.update(image_id.encode() + b"\0" + target.tobytes())
         if (target != IGNORE_INDEX).any():
             ids.append(image_id)
             images.append(samples[image_id].image)
-            targets.append(target)
+            kept.append(target)
     if not ids:
-        raise GpualError(f"round {round}'s labeled regions are all void: no pixel to train on; select more regions")
-    keys = sorted(f"{i}:{r}" for i, r in zip(labeled["image"].astype(str), labeled["region"].astype(int)))
-    fingerprint = _fingerprint([mode, str(scale), *keys])
-    return TrainingSet(ids, images, targets, scale, fingerprint)
+        raise GpualError(f"round {round}'s labelled regions are all void: no pixel to train on; select more regions")
+    return TrainingSet(ids, images, kept, ws.config.data.scale, digest.hexdigest())
 
 
 def full_training_set(ws: Workspace) -> TrainingSet:
@@ -358,15 +348,16 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path
 
 
 def train_round(ws: Workspace, round: int, device: torch.device, resume: bool = False, progress: Progress | None = None,
-                epochs: int | None = None, log: StepLog | None = None) -> dict[str, Any]:
+                epochs: int | None = None, log: StepLog | None = None, partial: bool = False) -> dict[str, Any]:
     """Train round ``round`` on its cumulative labels; write ``rounds/NNN/checkpoint.pt``.
 
     Starts from round ``round-1``'s checkpoint (student, teacher, bank) unless round 0 or
     ``train.reinit_each_round``. Writes ``rounds/NNN/train_state.pt`` after every epoch and
     removes it at the end; ``resume`` continues from it. Returns the training summary
-    (also stored as ``training`` in the round's metrics).
+    (also stored as ``training`` in the round's metrics). ``partial`` trains on a round
+    whose queried regions are not all answered (its unanswered ones return to the pool).
     """
-    ws.require(round, "train", "train")
+    ws.require(round, "train", "train", partial=partial)
     init = None if round == 0 or ws.config.train.reinit_each_round else ws.checkpoint_path(round - 1)
     return _train(ws, ws.model_run(round), sparse_training_set(ws, round), tag=round, init=init,
                   epochs=ws.config.train.epochs_per_round if epochs is None else epochs, device=device, resume=resume,
@@ -385,7 +376,7 @@ def train_final(ws: Workspace, round: int, device: torch.device, resume: bool = 
     images with a labelled pixel: while some have none, an epoch has fewer steps than the
     reference's. Round ``round`` needs its labels, not its own training.
     """
-    ws.require(round, "train", "train --final")
+    ws.require(round, "train", "train --final", partial=ws.round_state(round).trained)
     return _train(ws, ws.model_run(round, final=True), sparse_training_set(ws, round), tag=FULL_TAG, init=None,
                   epochs=ws.config.train.final_epochs if epochs is None else epochs, device=device, resume=resume,
                   progress=progress, log=log)

@@ -8,16 +8,19 @@ Layout::
       superpixels/index.parquet   one row per pool image (see gpual.superpixels)
       superpixels/*.npz           one compressed uint16 label map per pool image
       rounds/NNN/query.parquet    regions selected in round NNN (round 0: random init)
-      rounds/NNN/labeled.parquet  the cumulative labeled set after round NNN's oracle
+      rounds/NNN/answers.parquet  the label store: one row per answered region of round NNN,
+      rounds/NNN/answers/*.png    whoever answered (see gpual.label_store)
       rounds/NNN/checkpoint.pt    student, teacher, memory bank after training round NNN
       rounds/NNN/metrics.json     evaluation, labeled share, per-stage times
       rounds/NNN/final/           the final retraining on round NNN's labels (optional:
                                   `gpual train --round N --final`): checkpoint.pt, metrics.json
       full/                       the full-supervision reference (`gpual train --full`)
 
-A round moves through four steps, each finished when its file exists (files are only
-ever written atomically, so an existing file is a finished step):
-``select`` -> ``label`` -> ``train`` -> ``evaluate``.
+A round moves through four steps: ``select`` -> ``label`` -> ``train`` -> ``evaluate``.
+Select, train and evaluate are finished when their file exists (files are only ever
+written atomically, so an existing file is a finished step); label is finished when
+every queried region has an answer (or the round was trained on part of them,
+``gpual train --partial``).
 """
 from __future__ import annotations
 
@@ -50,13 +53,22 @@ QUERY_COLUMNS = {
     "score": "float64",
     "pixels": "int64",
 }
-LABELED_COLUMNS = {
+# One answered region (gpual.label_store); the cumulative labelled set of a round is the
+# answers of rounds 0..N, so it has the same columns.
+ANSWER_COLUMNS = {
     "image": "string",
     "region": "int32",
     "round": "int32",
-    "pixels": "int64",
-    "dominant": "int32",  # majority ground-truth class of the region (255 if all void)
+    "kind": "string",  # "region": one class for the region; "pixels": the answer map holds its pixels
+    "class": "int32",  # the region's class (kind "pixels": its most frequent labelled class); 255 = void
+    "pixels": "int64",  # the region's size at the working scale (void included: the annotator sees them)
+    "labeled_pixels": "int64",  # pixels with a class (not void, not left unpainted)
+    "source": "string",  # gpual.label_store.SOURCES
+    "written_at": "string",  # UTC, ISO 8601
+    "seconds": "float64",  # time the annotator spent on the region (NaN when not measured)
 }
+LABELED_COLUMNS = ANSWER_COLUMNS
+LEGACY_LABELED = "labeled.parquet"  # gpual 0.1's label file, before the label store
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,11 @@ class RoundState:
 
     round: int
     selected: bool
-    labeled: bool
+    labeled: bool  # every queried region answered, or trained on part of them (--partial)
     trained: bool
     evaluated: bool
+    answered: int = 0  # queried regions with an answer
+    queried: int = 0
 
     @property
     def next_step(self) -> str | None:
@@ -183,8 +197,13 @@ class Workspace:
     def query_path(self, round: int) -> Path:
         return self.round_dir(round) / "query.parquet"
 
-    def labeled_path(self, round: int) -> Path:
-        return self.round_dir(round) / "labeled.parquet"
+    def answers_path(self, round: int) -> Path:
+        """The label store's table of round ``round`` (see :mod:`gpual.label_store`)."""
+        return self.round_dir(round) / "answers.parquet"
+
+    def answers_dir(self, round: int) -> Path:
+        """The label store's per-image answer maps of round ``round``."""
+        return self.round_dir(round) / "answers"
 
     def checkpoint_path(self, round: int) -> Path:
         return self.model_run(round).checkpoint
@@ -226,12 +245,18 @@ class Workspace:
         return sorted(int(p.name) for p in self.rounds_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
     def round_state(self, round: int) -> RoundState:
+        selected = self.query_path(round).exists()
+        queried = len(self.read_query(round)) if selected else 0
+        answered = len(self.read_answers(round)) if selected else 0
+        trained = self.checkpoint_path(round).exists()
         return RoundState(
             round=round,
-            selected=self.query_path(round).exists(),
-            labeled=self.labeled_path(round).exists(),
-            trained=self.checkpoint_path(round).exists(),
+            selected=selected,
+            labeled=selected and ((queried > 0 and answered >= queried) or trained),
+            trained=trained,
             evaluated=self.metrics_path(round).exists() and "evaluation" in self.read_metrics(round),
+            answered=answered,
+            queried=queried,
         )
 
     def next_step(self) -> tuple[int, str]:
@@ -243,9 +268,10 @@ class Workspace:
                 return r, step
         return (rounds[-1] + 1 if rounds else 0), "select"
 
-    def require(self, round: int, step: str, command: str) -> None:
+    def require(self, round: int, step: str, command: str, partial: bool = False) -> None:
         """Refuse ``command`` unless every step before ``step`` of ``round`` (and the rounds
-        before it) is finished; the error says which command to run first."""
+        before it) is finished; the error says which command to run first. ``partial``
+        accepts a round with some of its regions answered as labelled."""
         if step not in STEPS:
             raise ValueError(step)
         if round > 0:
@@ -255,8 +281,15 @@ class Workspace:
                     f"round {round - 1} is not trained: run `gpual train {self.root} --round {round - 1}` before `gpual {command} --round {round}`"
                 )
         state = self.round_state(round)
-        done = dict(zip(STEPS, (state.selected, state.labeled, state.trained, state.evaluated)))
+        done = dict(zip(STEPS, (state.selected, state.labeled or (partial and state.answered > 0), state.trained,
+                                state.evaluated)))
         for before in STEPS[: STEPS.index(step)]:
+            if before == "label" and not done[before] and state.answered:
+                raise GpualError(
+                    f"round {round} has {state.answered:,} / {state.queried:,} regions answered: finish labelling "
+                    f"(`gpual annotate {self.root} --round {round}` or `gpual import`), or pass --partial to "
+                    f"`gpual {command}` to use the answers there are"
+                )
             if not done[before]:
                 raise GpualError(
                     f"round {round} has no {before} step yet: run `gpual {before} {self.root} --round {round}` before `gpual {command}`"
@@ -271,16 +304,56 @@ class Workspace:
     def read_query(self, round: int) -> pd.DataFrame:
         return _read_table(self.query_path(round), f"round {round} has no selection: run `gpual select {self.root} --round {round}`")
 
-    def write_labeled(self, round: int, frame: Any) -> None:
-        """Write the cumulative labeled set after round ``round`` atomically."""
-        _check_columns(frame, LABELED_COLUMNS, "labeled")
-        atomic.write_parquet(self.labeled_path(round), frame)
+    def write_answers(self, round: int, frame: Any) -> None:
+        """Write round ``round``'s answer table (columns of ``ANSWER_COLUMNS``) atomically;
+        :func:`gpual.label_store.record_answers` is the writer that validates."""
+        _check_columns(frame, ANSWER_COLUMNS, "answers")
+        atomic.write_parquet(self.answers_path(round), frame)
+
+    def read_answers(self, round: int) -> pd.DataFrame:
+        """Round ``round``'s answered regions (an empty table before any answer)."""
+        path = self.answers_path(round)
+        if not path.exists():
+            if (self.round_dir(round) / LEGACY_LABELED).exists():
+                raise GpualError(
+                    f"round {round} of {self.root} was labelled by gpual 0.1 ({LEGACY_LABELED}, before the label store): "
+                    f"start a new workspace (`gpual init NEW --data {self.config.data.root}`)"
+                )
+            return empty_table(ANSWER_COLUMNS)
+        return _read_table(path, "").astype(ANSWER_COLUMNS)
 
     def read_labeled(self, round: int) -> pd.DataFrame:
-        """The cumulative labeled set after round ``round`` (empty table before round 0)."""
-        if round < 0:
-            return empty_table(LABELED_COLUMNS)
-        return _read_table(self.labeled_path(round), f"round {round} has no labels: run `gpual label {self.root} --round {round}`")
+        """The cumulative labelled set after round ``round``: the answers of rounds 0..round
+        (an empty table before round 0)."""
+        tables = [self.read_answers(r) for r in self.rounds() if r <= round]
+        tables = [t for t in tables if len(t)]
+        if not tables:
+            return empty_table(ANSWER_COLUMNS)
+        return pd.concat(tables, ignore_index=True).astype(ANSWER_COLUMNS)
+
+    def labeling(self, round: int, pool_pixels: int | None = None) -> dict[str, Any]:
+        """The labelling summary after round ``round``: cumulative regions, pixels (every
+        pixel of an answered region) and their share of the pool, this round's answered /
+        queried regions, and the answer sources."""
+        if pool_pixels is None:
+            from gpual.superpixels import read_index  # the superpixel stage owns its index
+
+            pool_pixels = int(read_index(self)["pixels"].sum())
+        table = self.read_labeled(round)
+        mine = table[table["round"] == round]
+        pixels = int(table["pixels"].sum())
+        return {
+            "regions": int(len(table)),
+            "pixels": pixels,
+            "labeled_share": pixels / pool_pixels if pool_pixels else 0.0,
+            "labeled_pixels": int(table["labeled_pixels"].sum()),
+            "answered": int(len(mine)),
+            "queried": int(len(self.read_query(round))) if self.query_path(round).exists() else 0,
+            "new_pixels": int(mine["pixels"].sum()),
+            "images": int(table["image"].nunique()),
+            "void_regions": int((table["class"] == 255).sum()),
+            "sources": {str(k): int(v) for k, v in mine["source"].value_counts().items()},
+        }
 
     def read_metrics(self, round: int) -> dict[str, Any]:
         """Round ``round``'s metrics JSON ({} before the round has any)."""
@@ -319,11 +392,12 @@ class Workspace:
             entry: dict[str, Any] = {"round": r, "next_step": state.next_step}
             for step, done in zip(STEPS, (state.selected, state.labeled, state.trained, state.evaluated)):
                 entry[step] = done
-            if state.labeled:
-                labeled = self.read_labeled(r)
-                entry["labeled_regions"] = int(len(labeled))
-                entry["labeled_pixels"] = int(labeled["pixels"].sum())
-                entry["labeled_share"] = entry["labeled_pixels"] / pool_pixels if pool_pixels else None
+            entry["answered"], entry["queried"] = state.answered, state.queried
+            if state.answered:
+                labeling = self.labeling(r, pool_pixels)
+                entry["labeled_regions"] = labeling["regions"]
+                entry["labeled_pixels"] = labeling["pixels"]
+                entry["labeled_share"] = labeling["labeled_share"] if pool_pixels else None
             evaluation = self.read_metrics(r).get("evaluation")
             if evaluation:
                 entry["miou"] = evaluation.get("miou")

@@ -59,34 +59,72 @@ def selected_ws(tmp_path_factory: pytest.TempPathFactory):
     return ws
 
 
-def test_label_round_writes_cumulative_table_and_metrics(selected_ws) -> None:
+def test_label_round_writes_the_label_store(selected_ws) -> None:
     from gpual.datasets import open_dataset, read_label
+    from gpual.label_store import sparse_targets
     from gpual.superpixels import load_superpixels, read_index
+    from gpual.workspace import ANSWER_COLUMNS
 
     ws = selected_ws
     query = ws.read_query(0)
-    table = label_round(ws, 0)
-    assert list(table.columns) == ["image", "region", "round", "pixels", "dominant"]
+    info = label_round(ws, 0)
+    table = ws.read_answers(0)
+    assert list(table.columns) == list(ANSWER_COLUMNS)
     assert str(table["region"].dtype) == "int32" and str(table["pixels"].dtype) == "int64"
-    assert len(table) == 30 and (table["round"] == 0).all()
-    assert table[["image", "region"]].astype(str).values.tolist() == query[["image", "region"]].astype(str).values.tolist()
-    # pixels and dominant against the ground truth, recomputed per region with plain NumPy
+    assert len(table) == 30 and (table["round"] == 0).all() and (table["source"] == "oracle-pixel").all()
+    assert sorted(map(tuple, table[["image", "region"]].astype(str).values)) == sorted(
+        map(tuple, query[["image", "region"]].astype(str).values))
+    # pixels, class and the kind of answer against the ground truth, recomputed per region with plain NumPy
     spec = open_dataset("folder", ws.config.data.root)
     samples = {s.id: s for s in spec.samples("train")}
     index = read_index(ws)
-    for row in table.itertuples():
-        gt = read_label(spec, samples[row.image].label)
-        inside = load_superpixels(ws, row.image, index) == row.region
-        assert row.pixels == inside.sum()
+    for row in table.to_dict("records"):
+        gt = read_label(spec, samples[row["image"]].label)
+        inside = load_superpixels(ws, row["image"], index) == row["region"]
+        assert row["pixels"] == inside.sum()
         values = gt[inside][gt[inside] != 255]
-        expected = np.bincount(values).argmax() if values.size else 255
-        assert row.dominant == expected
-    labeling = ws.read_metrics(0)["labeling"]
-    assert labeling["regions"] == 30 and labeling["pixels"] == int(table["pixels"].sum())
-    assert labeling["labeled_share"] == pytest.approx(table["pixels"].sum() / (4 * 48 * 64))
+        assert row["class"] == (np.bincount(values).argmax() if values.size else 255)
+        assert row["kind"] == ("region" if np.unique(gt[inside]).size == 1 else "pixels")
+        assert row["labeled_pixels"] == values.size
+    # The training targets equal the ground truth revealed inside the queried regions, exactly.
+    targets = sparse_targets(ws, 0)
+    for image, group in query.groupby("image"):
+        gt = read_label(spec, samples[image].label)
+        expected = reveal(gt, load_superpixels(ws, image, index), group["region"].to_numpy(np.int64))
+        np.testing.assert_array_equal(targets[image], expected)
+    assert info["regions"] == 30 and info["pixels"] == int(table["pixels"].sum())
+    assert info["answered"] == info["queried"] == 30 and info["sources"] == {"oracle-pixel": 30}
+    assert info["labeled_share"] == pytest.approx(table["pixels"].sum() / (4 * 48 * 64))
     pd.testing.assert_frame_equal(ws.read_labeled(0), table)
-    with pytest.raises(GpualError, match="already labeled"):
+    assert ws.round_state(0).labeled
+    with pytest.raises(GpualError, match="already labelled"):
         label_round(ws, 0)
+
+
+def test_label_round_answers_only_what_is_unanswered(selected_ws, tmp_path: Path) -> None:
+    import shutil
+
+    from gpual.label_store import ImageAnswers, record_answers
+    from gpual.workspace import Workspace
+
+    root = tmp_path / "copy"
+    shutil.copytree(selected_ws.root, root)
+    ws = Workspace.open(root)
+    shutil.rmtree(ws.answers_dir(0), ignore_errors=True)
+    ws.answers_path(0).unlink()
+    first = ws.read_query(0).iloc[0]
+    record_answers(ws, 0, "annotator", [ImageAnswers(str(first["image"]), np.array([first["region"]]), np.array([3]),
+                                                     seconds=np.array([1.5]))])
+    state = ws.round_state(0)
+    assert (state.answered, state.queried, state.labeled) == (1, 30, False)
+    with pytest.raises(GpualError, match="1 / 30 regions answered"):
+        ws.require(0, "train", "train")
+    ws.require(0, "train", "train", partial=True)
+    label_round(ws, 0)
+    table = ws.read_answers(0)
+    mine = table[(table["image"] == first["image"]) & (table["region"] == first["region"])].iloc[0]
+    assert (mine["source"], mine["class"], mine["seconds"]) == ("annotator", 3, 1.5)
+    assert (table["source"] == "oracle-pixel").sum() == 29 and ws.round_state(0).labeled
 
 
 def test_label_round_refusals_write_nothing(selected_ws, tmp_path: Path) -> None:
@@ -98,19 +136,20 @@ def test_label_round_refusals_write_nothing(selected_ws, tmp_path: Path) -> None
     root = tmp_path / "copy"
     shutil.copytree(selected_ws.root, root)
     ws = Workspace.open(root)
-    ws.labeled_path(0).unlink(missing_ok=True)
+    shutil.rmtree(ws.answers_dir(0), ignore_errors=True)
+    ws.answers_path(0).unlink(missing_ok=True)
     query = ws.read_query(0)
     bad = query.copy()
     bad.loc[0, "region"] = 10_000
     ws.write_query(0, bad)
     with pytest.raises(GpualError, match="region 10000"):
         label_round(ws, 0)
-    assert not ws.labeled_path(0).exists()
+    assert not ws.answers_path(0).exists()
     dup = pd.concat([query, query.iloc[:1]], ignore_index=True)
     ws.write_query(0, dup)
     with pytest.raises(GpualError, match="twice"):
         label_round(ws, 0)
-    assert not ws.labeled_path(0).exists()
+    assert not ws.answers_path(0).exists() and not ws.answers_dir(0).exists()
     ws.query_path(0).unlink()
     with pytest.raises(GpualError, match="no select step"):
         label_round(ws, 0)
