@@ -49,7 +49,7 @@ def _register_all() -> None:
     from cli import workspace as workspace_cmds
 
     workspace_cmds.register(app)
-    for name in ("superpixels", "train", "acquire"):
+    for name in ("superpixels", "train", "acquire", "annotate", "interchange"):
         try:
             module = __import__(f"cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as exc:  # a stage's commands not written yet
