@@ -93,7 +93,7 @@ def select(
 
 def _print_rounds(rows: list[dict[str, Any]]) -> None:
     extra = final_columns(rows)
-    table = Table("round", "strategy", "labeled regions", "labeled pixels", "mIoU", *extra, title="active learning")
+    table = Table("round", "strategy", "labeled regions", "labeled share", "mIoU", *extra, title="active learning")
     for row in rows:
         table.add_row(
             str(row["round"]),

@@ -61,7 +61,9 @@ def status(
     for r in info["rounds"]:
         table.add_row(
             str(r["round"]),
-            *(mark[r[s]] for s in ("select", "label", "train", "evaluate")),
+            mark[r["select"]],
+            mark[True] if r["label"] else (f"{r['answered']:,}/{r['queried']:,}" if r["select"] else "-"),
+            *(mark[r[s]] for s in ("train", "evaluate")),
             str(r.get("labeled_regions", "-")),
             cell(r.get("labeled_share"), ".2%"),
             cell(r.get("miou"), ".4f"),
@@ -69,6 +71,9 @@ def status(
         )
     if info["rounds"]:
         console.print(table)
+    for r in info["rounds"]:
+        if r["select"] and not r["label"]:
+            console.print(f"round {r['round']}: {r['answered']:,} / {r['queried']:,} regions answered")
     if info["full_miou"] is not None:
         console.print(f"full-supervision reference: mIoU {info['full_miou']:.4f}")
     console.print(f"next: [bold]{info['next']}[/]")

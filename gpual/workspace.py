@@ -410,6 +410,8 @@ class Workspace:
         else:
             r, step = self.next_step()
             next_command = f"gpual {step} {self.root} --round {r}"
+            if step == "label" and not self._pool_has_labels():
+                next_command = f"gpual annotate {self.root} --round {r}"  # a person labels an unlabelled pool
         return {
             "workspace": str(self.root),
             "dataset": self.config.data.dataset,
@@ -421,6 +423,16 @@ class Workspace:
             "full_miou": self.read_full_metrics().get("evaluation", {}).get("miou"),
             "next": next_command,
         }
+
+
+    def _pool_has_labels(self) -> bool:
+        """Whether the pool split has ground truth (the simulated oracle's precondition)."""
+        from gpual.datasets import open_dataset
+
+        try:
+            return open_dataset(self.config.data.dataset, self.config.data.root).has_labels(self.config.data.pool_split)
+        except GpualError:
+            return False
 
 
 def empty_table(columns: dict[str, str]) -> pd.DataFrame:

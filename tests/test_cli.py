@@ -101,6 +101,6 @@ def test_round_zero_select_and_label(capsys, ready_ws: Path) -> None:
     assert 0.03 < query["pixels"].sum() / total < 0.07
     _one_line_error(run_cli(capsys, "select", ready_ws, "--round", "0"), 1, "already selected")
     assert run_cli(capsys, "label", ready_ws, "--round", "0").code == 0
-    labeled = pd.read_parquet(ready_ws / "rounds/000/labeled.parquet")
-    assert len(labeled) == len(query)
+    labeled = pd.read_parquet(ready_ws / "rounds/000/answers.parquet")
+    assert len(labeled) == len(query) and (labeled["source"] == "oracle-pixel").all()
     assert any((ready_ws / "rounds/000/overlays").iterdir())

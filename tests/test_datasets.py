@@ -422,19 +422,22 @@ def test_layout_not_recognised(tmp_path: Path, segnet: Path, camvid: Path, citys
         open_dataset("cityscapes", empty)
 
 
-def test_missing_label_folder_of_a_split(camvid: Path) -> None:
+def test_a_split_without_labels_is_an_unlabelled_pool(camvid: Path) -> None:
     import shutil
 
     shutil.rmtree(camvid / "val" / "labels")
     spec = open_dataset("camvid", camvid)
-    with pytest.raises(GpualError, match=m("'val'", camvid / "val" / "labels", "missing")):
-        spec.samples("val")
+    samples = spec.samples("val")
+    assert samples and all(s.label is None for s in samples)
+    assert not spec.has_labels("val") and spec.has_labels("train")
+    with pytest.raises(GpualError, match=m(samples[0].image, "no label file", "labels/ folder")):
+        load_pair(spec, samples[0])
 
 
 def test_sample_without_label(camvid: Path) -> None:
     spec = open_dataset("camvid", camvid)
     sample = Sample("a_0001", camvid / "train/images/a_0001.png", None)
-    with pytest.raises(GpualError, match=m("a_0001", "no label")):
+    with pytest.raises(GpualError, match=m("a_0001", "no label file")):
         load_pair(spec, sample)
 
 

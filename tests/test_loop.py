@@ -109,7 +109,7 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     r = run_cli(capsys, "run", ws_root, "--rounds", "1", "--device", "cpu")
     assert r.code == 0, r.err
     round0 = {k: v for k, v in _files(ws_root).items() if k.startswith("rounds/000/")}
-    assert {"rounds/000/query.parquet", "rounds/000/labeled.parquet", "rounds/000/checkpoint.pt"} <= set(round0)
+    assert {"rounds/000/query.parquet", "rounds/000/answers.parquet", "rounds/000/checkpoint.pt"} <= set(round0)
 
     r = run_cli(capsys, "run", ws_root, "--rounds", "2", "--strategy", "entropy", "--device", "cpu")
     assert r.code == 0, r.err

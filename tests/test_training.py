@@ -223,7 +223,8 @@ def test_interrupted_training_resumes_exactly(trained_ws, tmp_path: Path, scenes
 
     reference, _ = trained_ws
     ws = labeled_workspace(tmp_path / "ws", scenes)
-    pd.testing.assert_frame_equal(ws.read_labeled(0), reference.read_labeled(0))
+    same = ["image", "region", "round", "kind", "class", "pixels", "labeled_pixels", "source"]  # not the times written
+    pd.testing.assert_frame_equal(ws.read_labeled(0)[same], reference.read_labeled(0)[same])
 
     def interrupt(done: int, total: int) -> None:
         if done > total // 2:  # after the first step of epoch 2: epoch 1 is saved, epoch 2 is not
@@ -261,9 +262,10 @@ def test_next_round_continues_from_the_last_one(trained_ws) -> None:
     ws.write_query(1, bad)
     with pytest.raises(GpualError, match="already labeled before round 1"):
         label_round(ws, 1)
-    assert not ws.labeled_path(1).exists()
+    assert not ws.answers_path(1).exists()
     acquire(ws, 1, cpu_backend(), strategy="random", budget=20, force=True)
-    table = label_round(ws, 1)
+    label_round(ws, 1)
+    table = ws.read_labeled(1)
     assert len(table) == len(round0) + 20 and (table["round"].to_numpy() == [0] * len(round0) + [1] * 20).all()
 
     train_round(ws, 1, CPU, epochs=1)
@@ -392,7 +394,7 @@ def test_cli_label_train_evaluate(capsys, tmp_path: Path, scenes: Path) -> None:
     assert r.code == 1 and "round 0 has no label step yet" in r.err
     r = run_cli(capsys, "label", ws.root, "--round", "0")
     assert r.code == 0, r.err
-    assert "40 regions labeled" in r.out
+    assert "40 of 40 regions answered by the oracle" in r.out
     r = run_cli(capsys, "train", ws.root)
     assert r.code == 2 and "--round N" in r.err
     r = run_cli(capsys, "train", ws.root, "--round", "0", "--full")
