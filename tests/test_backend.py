@@ -37,3 +37,30 @@ def test_handoff_refuses_wrong_device_and_shares_memory() -> None:
     assert a[0, 0] == 42
     back = b.to_torch(a)
     assert back.data_ptr() == t.data_ptr()
+
+
+def test_cpu_umap_takes_exact_distances_for_small_banks_and_the_index_above(monkeypatch) -> None:
+    """Below umap-learn's 4,096-vector threshold the CPU twin fits and transforms on
+    scikit-learn's Euclidean distances (``metric="precomputed"``), in bounded chunks, and
+    repeats itself; above it, umap-learn's own index. Both return (R, 2) float32 points."""
+    import numpy as np
+
+    from gpual.backend import ExactSmallBankUMAP, cpu_backend
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(300, 16)).astype(np.float32)
+    regions = rng.normal(size=(500, 16)).astype(np.float32)
+    args = dict(n_components=2, n_neighbors=10, min_dist=0.1, random_state=0, init="random")
+    small = cpu_backend().umap(**args)
+    assert small.init == "random"  # the constructor's arguments before the fit
+    points = small.fit(bank).transform(regions)
+    assert small.estimator.metric == "precomputed" and points.shape == (500, 2) and points.dtype == np.float32
+    np.testing.assert_array_equal(cpu_backend().umap(**args).fit(bank).transform(regions), points)
+    # Chunks of the transform: every region gets a finite point near the bank's layout.
+    monkeypatch.setattr(ExactSmallBankUMAP, "TRANSFORM_CHUNK", 128)
+    chunked = cpu_backend().umap(**args).fit(bank).transform(regions)
+    layout = small.embedding_
+    assert np.isfinite(chunked).all() and (chunked.min(0) >= layout.min(0) - 5).all() and (chunked.max(0) <= layout.max(0) + 5).all()
+    monkeypatch.setattr(ExactSmallBankUMAP, "SMALL", 200)
+    large = cpu_backend().umap(**args).fit(bank)
+    assert large.estimator.metric == "euclidean" and large.transform(regions).shape == (500, 2)
