@@ -13,7 +13,7 @@ trained ``epochs_per_round`` x (r + 1) epochs (the table says how many) while th
 trains ``final_epochs`` from fresh weights: their ratio mixes labels with training time.
 ``--final`` adds, for the rounds it names, the paper's final retraining (``gpual train
 --round N --final``): fresh weights and ``final_epochs`` as the reference, so
-mIoU(final) / mIoU(full) is METHOD.md's headline ratio. The reference is trained once,
+mIoU(final) / mIoU(full) is the headline ratio of docs/method.md. The reference is trained once,
 with the preset's ``train.seed`` (0 unless ``--set train.seed=...``); the run of that seed
 shares its seeds too (initial weights, shuffles, flips, dropout), so there the labels are
 the only difference; the other seeds' runs differ from it in their seeds as well.

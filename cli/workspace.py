@@ -22,7 +22,7 @@ def init(
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing workspace config."),
 ) -> None:
-    """Create WORKSPACE/gpual.toml with every METHOD.md default (and the preset's values).
+    """Create WORKSPACE/gpual.toml with every default of the method (docs/method.md) (and the preset's values).
 
     Reads the dataset folder to check its layout and pool split; writes only gpual.toml.
     """

@@ -1,4 +1,4 @@
-"""Workspace configuration: every default of ``shared/docs/METHOD.md``, stored as TOML.
+"""Workspace configuration: every default of the method (docs/method.md), stored as TOML.
 
 A workspace holds one ``gpual.toml``. Presets (``gpual/presets/*.toml``) are partial TOML
 files laid over these defaults; they are data, not code branches.
@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class SuperpixelConfig:
-    """Superpixel precomputation (METHOD.md: about 400 px per region by default)."""
+    """Superpixel precomputation (docs/method.md: about 400 px per region by default)."""
 
     method: str = "slic"
     region_pixels: int = 400

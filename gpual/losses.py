@@ -1,6 +1,6 @@
 """Training losses: pixel-wise cross-entropy (Eq. 2) and the memory-bank InfoNCE (Eq. 3).
 
-The contrastive term, per batch (paper section 3.2 and 4.2, METHOD.md):
+The contrastive term, per batch (paper section 3.2 and 4.2, docs/method.md):
 
 - Anchors: for each class present among the batch's labeled pixels, ``anchors_hard`` (25)
   misclassified pixels and ``anchors_random`` (25) further pixels drawn uniformly from the

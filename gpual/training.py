@@ -1,4 +1,4 @@
-"""Training on a round's sparse labels (paper sections 3.2 and 4.2; METHOD.md "Training").
+"""Training on a round's sparse labels (paper sections 3.2 and 4.2; docs/method.md).
 
 ``gpual train WORKSPACE --round N`` trains the student on the pixels revealed so far,
 keeps the EMA teacher and the memory bank, and writes ``rounds/NNN/checkpoint.pt``;
@@ -372,7 +372,7 @@ def train_final(ws: Workspace, round: int, device: torch.device, resume: bool = 
     It runs the reference's schedule (epochs, optimiser, fresh weights) with the reference's
     seeds for the same ``train.seed`` (initial weights, shuffles, flips, dropout), so against
     :func:`train_full` in the same workspace the labels are the only difference, and
-    mIoU(final) / mIoU(full) is the headline ratio of METHOD.md. The training set holds the
+    mIoU(final) / mIoU(full) is the headline ratio of docs/method.md. The training set holds the
     images with a labelled pixel: while some have none, an epoch has fewer steps than the
     reference's. Round ``round`` needs its labels, not its own training.
     """

@@ -3,7 +3,7 @@
 Layout::
 
     WORKSPACE/
-      gpual.toml                  config (every METHOD.md default, see gpual.config)
+      gpual.toml                  config (every default of docs/method.md, see gpual.config)
       .lock                       held (flock) by the one command that writes
       superpixels/index.parquet   one row per pool image (see gpual.superpixels)
       superpixels/*.npz           one compressed uint16 label map per pool image
