@@ -19,6 +19,9 @@ from gpual.errors import GpualError
 DATASET_KINDS = ("camvid", "segnet", "cityscapes", "folder")
 SUPERPIXEL_METHODS = ("slic", "seeds")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
+# model.backbone_weights: "" = random initialisation; "imagenet" = torchvision's ImageNet
+# weights of the chosen ResNet (its weights enum's DEFAULT), through torchvision's cache.
+BACKBONE_WEIGHTS = ("", "imagenet")
 STRATEGIES = (
     "umap-kmeans-entropy",
     "kmeans-entropy",
@@ -74,7 +77,8 @@ class ModelConfig:
     """FCN in torchvision's ``fcn_resnet50`` layout plus the projection head."""
 
     backbone: str = "resnet50"
-    backbone_checkpoint: str = ""
+    backbone_weights: str = ""  # one of BACKBONE_WEIGHTS; the paper preset uses "imagenet"
+    backbone_checkpoint: str = ""  # a local torchvision ResNet state dict (overrides backbone_weights)
     projection_dim: int = 128
     projection_dropout: float = 0.1
 
@@ -182,6 +186,7 @@ class Config:
         _choice("data.dataset", self.data.dataset, DATASET_KINDS)
         _choice("superpixels.method", self.superpixels.method, SUPERPIXEL_METHODS)
         _choice("model.backbone", self.model.backbone, BACKBONES)
+        _choice("model.backbone_weights", self.model.backbone_weights, BACKBONE_WEIGHTS)
         _choice("acquisition.strategy", self.acquisition.strategy, STRATEGIES)
         _choice("acquisition.oracle", self.acquisition.oracle, ORACLES)
         _choice("acquisition.region_score", self.acquisition.region_score, REGION_SCORES)

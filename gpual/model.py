@@ -8,8 +8,10 @@ projection head of the contrastive loss (paper sections 3.2 and 4.2).
 - ``projection``: 3x3 conv -> BN -> ReLU -> Dropout(0.1) -> 1x1 conv to 128 dims, used in
   training and acquisition only; its hidden width is ``in_channels // 4``, as FCNHead's.
 
-No weights are ever downloaded. An optional local backbone checkpoint (a torchvision
-ResNet state dict) is loaded strictly.
+Initial backbone weights: random (``model.backbone_weights = ""``), torchvision's ImageNet
+weights (``"imagenet"``: the ResNet's weights enum, downloaded once into torchvision's
+cache, ``torch.hub.get_dir()/checkpoints``; offline, a one-line error names the file), or
+a local torchvision ResNet state dict (``model.backbone_checkpoint``), loaded strictly.
 
 Output stride (a documented choice): every backbone runs at output stride 8 by default,
 the ``fcn_resnet50`` geometry (``replace_stride_with_dilation=[False, True, True]``).
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, resnet18, resnet34, resnet50
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.segmentation.fcn import FCNHead
@@ -44,6 +46,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 # layer4 channels per backbone (FCNHead takes in_channels // 4 hidden channels).
 _FEATURE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 _CONSTRUCTORS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+_WEIGHTS = {"resnet18": ResNet18_Weights, "resnet34": ResNet34_Weights, "resnet50": ResNet50_Weights}
 
 
 class ProjectionHead(nn.Sequential):
@@ -151,11 +154,11 @@ def embedding_at(embedding: Tensor, index: Tensor, size: tuple[int, int]) -> Ten
 
 
 def build_model(config: ModelConfig, num_classes: int, output_stride: int = 8) -> SegmentationModel:
-    """A freshly initialised model for ``config.backbone`` (weights=None, nothing downloaded).
-
-    ``config.backbone_checkpoint``, if set, is a torchvision ResNet state dict file loaded
-    strictly into the backbone (``fc.*`` keys, which an FCN drops, may be present or not);
-    a file that does not fit raises GpualError naming it and the first mismatched keys.
+    """A new model for ``config.backbone``: heads freshly initialised, the backbone from
+    ``config.backbone_checkpoint`` if set (a torchvision ResNet state dict file loaded
+    strictly; ``fc.*`` keys, which an FCN drops, may be present or not; a file that does not
+    fit raises GpualError naming it and the first mismatched keys), else from ImageNet with
+    ``backbone_weights = "imagenet"`` (:func:`imagenet_state_dict`), else random.
     """
     if config.backbone not in BACKBONES:
         raise GpualError(f"model.backbone = {config.backbone!r} is not one of {', '.join(BACKBONES)}: fix it in gpual.toml", 2)
@@ -166,10 +169,35 @@ def build_model(config: ModelConfig, num_classes: int, output_stride: int = 8) -
     resnet = _resnet(config.backbone, output_stride)
     if config.backbone_checkpoint:
         load_backbone_checkpoint(resnet, Path(config.backbone_checkpoint).expanduser(), config.backbone)
+    elif config.backbone_weights == "imagenet":
+        resnet.load_state_dict(imagenet_state_dict(config.backbone))
+    elif config.backbone_weights:
+        raise GpualError(f"model.backbone_weights = {config.backbone_weights!r} is not \"\" or \"imagenet\": fix it in gpual.toml", 2)
     backbone = IntermediateLayerGetter(resnet, return_layers={"layer4": "out"})
     return SegmentationModel(
         backbone, _FEATURE_CHANNELS[config.backbone], num_classes, config.projection_dim, config.projection_dropout
     )
+
+
+def imagenet_state_dict(backbone: str) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights for ``backbone`` (its weights enum's DEFAULT) through
+    torchvision's own download and cache (``torch.hub.get_dir()/checkpoints``).
+
+    Refuses weights whose input normalisation is not :func:`normalize`'s, and turns a
+    failed download into one line naming the cache file and the local-file option.
+    """
+    weights = _WEIGHTS[backbone].DEFAULT
+    preset = weights.transforms()
+    if tuple(preset.mean) != IMAGENET_MEAN or tuple(preset.std) != IMAGENET_STD:
+        raise GpualError(f"{weights} expects another input normalisation than gpual's ImageNet mean/std")
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError; a bad hash a RuntimeError
+        raise GpualError(
+            f"cannot get the ImageNet weights of {backbone} ({type(exc).__name__}: {exc}): put {weights.url} at {cache}, "
+            "or set model.backbone_checkpoint to a local copy of a torchvision ResNet state dict"
+        ) from None
 
 
 def _resnet(name: str, output_stride: int) -> ResNet:

@@ -263,7 +263,8 @@ def train_step(t: Trainer, images: torch.Tensor, targets: torch.Tensor, generato
 
 def _model_meta(config: Config, num_classes: int, classes: list[str]) -> dict[str, Any]:
     model = dataclasses.asdict(config.model)
-    model["backbone_checkpoint"] = ""  # the weights are in the checkpoint; never reload the file
+    # The weights are in the checkpoint: never reload the file or the download.
+    model["backbone_checkpoint"], model["backbone_weights"] = "", ""
     return {"model": model, "output_stride": OUTPUT_STRIDE, "num_classes": num_classes, "classes": classes,
             "bank": {"capacity": config.contrastive.bank_size, "dim": config.model.projection_dim}}
 
@@ -291,7 +292,7 @@ def _read(path: Path, what: str, missing: str, mmap: bool = False) -> dict[str, 
 
 
 def _model_from_meta(meta: dict[str, Any], device: torch.device) -> SegmentationModel:
-    config = ModelConfig(**meta["model"])
+    config = ModelConfig(**{"backbone_weights": "", **meta["model"]})  # checkpoints before backbone_weights
     return build_model(config, int(meta["num_classes"]), output_stride=int(meta["output_stride"])).to(device)
 
 

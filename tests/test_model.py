@@ -119,3 +119,40 @@ def test_backbone_checkpoint_mismatch_names_file_and_keys(tmp_path: Path) -> Non
     with pytest.raises(GpualError, match="not found"):
         build_model(ModelConfig(backbone="resnet18", backbone_checkpoint=str(tmp_path / "none.pth")), num_classes=3)
 
+
+
+def test_imagenet_weights_come_from_torchvisions_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """backbone_weights = "imagenet" loads the ResNet's DEFAULT weights through torchvision's
+    own cache (a locally written state dict stands for the download, which no test makes);
+    a missing file offline is one line naming the cache path and the local-file option."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    assert cache.parent.parent == tmp_path / "torch" / "hub"
+    with pytest.raises(GpualError, match=rf"ImageNet weights of resnet18.*put {weights.url} at {cache}.*backbone_checkpoint"):
+        build_model(ModelConfig(backbone="resnet18", backbone_weights="imagenet"), num_classes=3)
+    torch.manual_seed(1)
+    pretrained = torchvision.models.resnet18(weights=None)
+    cache.parent.mkdir(parents=True, exist_ok=True)  # the failed download made the folder
+    torch.save(pretrained.state_dict(), cache)
+    model = build_model(ModelConfig(backbone="resnet18", backbone_weights="imagenet"), num_classes=3)
+    assert torch.equal(model.backbone.conv1.weight, pretrained.conv1.weight)
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, pretrained.layer4[1].bn2.running_var)
+    # The weights' own preprocessing is the network's input normalisation.
+    assert tuple(weights.transforms().mean) == IMAGENET_MEAN and tuple(weights.transforms().std) == IMAGENET_STD
+    # A local checkpoint wins over the download; no weights is random initialisation.
+    fresh = build_model(ModelConfig(backbone="resnet18"), num_classes=3)
+    assert not torch.equal(fresh.backbone.conv1.weight, pretrained.conv1.weight)
+    with pytest.raises(GpualError, match="backbone_weights"):
+        build_model(ModelConfig(backbone="resnet18", backbone_weights="coco"), num_classes=3)
+
+
+def test_checkpoint_meta_never_downloads_again() -> None:
+    """A trained model's meta drops backbone_weights: loading it reads the checkpoint only."""
+    from gpual.config import make_config
+    from gpual.training import _model_meta
+
+    config = make_config("paper")
+    assert config.model.backbone_weights == "imagenet"
+    meta = _model_meta(config, 3, ["a", "b", "c"])
+    assert meta["model"]["backbone_weights"] == "" and meta["model"]["backbone_checkpoint"] == ""
