@@ -26,6 +26,7 @@ import math
 import secrets
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,10 @@ from gpual.errors import GpualError
 from gpual.label_store import MIXED, VOID, ImageAnswers, check_writable, mask_path, read_mask, record_answers
 from gpual.workspace import Workspace
 
+SUPERPIXEL_CACHE = 64  # maps kept in memory: a Cityscapes one at scale 0.5 is 1 MB
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a mixed region's pixels as JSON: ~4 bytes a pixel, so ~1 M pixels
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-TOKEN_COOKIE = "gpual_token"
+TOKEN_COOKIE = "gpual_token"  # + "_<port>": cookies are per host, not per port, and sessions may share a host
 TOKEN_HEADER = "x-gpual-token"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The only files /static/ serves: name -> media type.
@@ -136,7 +138,11 @@ class AnnotationSession:
 
         query = check_writable(ws, round)  # not selected / trained: one-line GpualError
         if len(query) == 0:
-            raise GpualError(f"round {round}'s query is empty: nothing to annotate; select it again with `gpual select {ws.root} --round {round} --force`")
+            raise GpualError(f"round {round}'s query is empty: nothing to annotate; select it again with "
+                             f"`gpual select {ws.root} --round {round} --force`")
+        from gpual.training import torch_device
+
+        torch_device(device)  # a bad --device fails now, not at the first prediction
         self.ws, self.round, self.device_name = ws, round, device
         data = ws.config.data
         spec = open_dataset(data.dataset, data.root)
@@ -151,8 +157,10 @@ class AnnotationSession:
         self._write_lock = threading.Lock()  # one label-store write at a time: read-modify-write of the table
         self._model_lock = threading.Lock()  # one model load / forward at a time
         self._teacher: Any = None
+        self._teacher_error: str | None = None  # why round N-1's model cannot predict, once known
         self._device: Any = None
-        self._superpixels: dict[int, np.ndarray] = {}
+        self._superpixels: OrderedDict[int, np.ndarray] = OrderedDict()  # the last SUPERPIXEL_CACHE images used
+        self._cache_lock = threading.Lock()
         self._predictions: dict[int, dict[int, int]] = {}
 
     @property
@@ -161,7 +169,10 @@ class AnnotationSession:
 
     # --- what the page reads -------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
-        """The page's start: classes, the round's images (working-scale size, queried regions), progress."""
+        """The page's start: classes, the round's images (working-scale size, queried regions
+        and their pixel counts), every stored answer (without the painted pixels: those come
+        with the image) and the progress."""
+        table = self.ws.read_answers(self.round)
         return {
             "round": self.round,
             "workspace": str(self.ws.root),
@@ -174,8 +185,19 @@ class AnnotationSession:
                  "pixels": {str(r): self.region_pixels[f"{image.id}:{r}"] for r in image.regions.tolist()}}
                 for i, image in enumerate(self.images)
             ],
-            "progress": self.progress(),
+            "answers": self._answer_summaries(table),
+            "progress": self.progress(table),
         }
+
+    def _answer_summaries(self, table: pd.DataFrame) -> list[dict[str, dict[str, Any]]]:
+        """Per image of the round: region id (str) -> ``{class, kind, seconds, source}``."""
+        out: list[dict[str, dict[str, Any]]] = [{} for _ in self.images]
+        columns = (table[c].tolist() for c in ("image", "region", "class", "kind", "seconds", "source"))
+        for image, region, k, kind, seconds, source in zip(*columns):
+            i = self.position.get(str(image))
+            if i is not None:
+                out[i][str(int(region))] = _entry(k, kind, seconds, source)
+        return out
 
     def image(self, i: int) -> RoundImage:
         """Image ``i`` of the round's list (404 outside it)."""
@@ -200,9 +222,16 @@ class AnnotationSession:
         from gpual.superpixels import load_superpixels
 
         image = self.image(i)
-        sp = self._superpixels.get(i)
-        if sp is None:
-            sp = self._superpixels[i] = load_superpixels(self.ws, image.id, self.index)
+        with self._cache_lock:
+            sp = self._superpixels.get(i)
+            if sp is not None:
+                self._superpixels.move_to_end(i)
+                return sp
+        sp = load_superpixels(self.ws, image.id, self.index)
+        with self._cache_lock:
+            self._superpixels[i] = sp
+            while len(self._superpixels) > SUPERPIXEL_CACHE:
+                self._superpixels.popitem(last=False)
         return sp
 
     def answers(self, i: int, table: pd.DataFrame | None = None) -> dict[str, dict[str, Any]]:
@@ -215,8 +244,7 @@ class AnnotationSession:
         stored: np.ndarray | None = None
         columns = (rows[c].tolist() for c in ("region", "class", "kind", "seconds", "source"))
         for region, k, kind, seconds, source in zip(*columns):
-            entry: dict[str, Any] = {"class": int(k), "kind": str(kind), "source": str(source),
-                                     "seconds": None if math.isnan(seconds) else float(seconds)}
+            entry = _entry(k, kind, seconds, source)
             if kind == "pixels":
                 sp = self.superpixels(i)
                 if stored is None:
@@ -256,7 +284,8 @@ class AnnotationSession:
         if i not in self._predictions:
             predicted = self._predict(i)  # (H, W) int64 at the working scale
             sp = self.superpixels(i).astype(np.int64)
-            self._predictions[i] = {int(r): int(c) for r, c in zip(image.regions, majority_class(sp, predicted, image.regions, self.num_classes))}
+            classes = majority_class(sp, predicted, image.regions, self.num_classes)
+            self._predictions[i] = {int(r): int(c) for r, c in zip(image.regions, classes)}
         return {str(r): c for r, c in self._predictions[i].items()}
 
     def _predict(self, i: int) -> np.ndarray:
@@ -276,14 +305,21 @@ class AnnotationSession:
 
     def _load_teacher(self) -> tuple[Any, Any]:
         """Round N-1's teacher on the session's device, loaded once (caller holds the model lock)."""
+        if self._teacher_error is not None:  # said once, not reloaded per image
+            raise GpualError(self._teacher_error)
         if self._teacher is None:
             from gpual.training import load_teacher, torch_device
 
             self._device = torch_device(self.device_name)
-            teacher, _ = load_teacher(self.checkpoint, self._device)
+            try:
+                teacher, _ = load_teacher(self.checkpoint, self._device)
+            except GpualError as exc:
+                self._teacher_error = str(exc)
+                raise
             if teacher.num_classes != self.num_classes:
-                raise GpualError(f"{self.checkpoint} predicts {teacher.num_classes} classes but the dataset has {self.num_classes}: "
-                                 "nothing is pre-chosen")
+                self._teacher_error = (f"{self.checkpoint} predicts {teacher.num_classes} classes but the dataset has "
+                                       f"{self.num_classes}: nothing is pre-chosen")
+                raise GpualError(self._teacher_error)
             self._teacher = teacher
         return self._teacher, self._device
 
@@ -301,11 +337,18 @@ class AnnotationSession:
             except GpualError as exc:
                 raise ClientError(409, str(exc)) from None
             try:
-                record_answers(self.ws, self.round, "annotator", [answer], superpixels={image.id: sp}, num_classes=self.num_classes)
+                record_answers(self.ws, self.round, "annotator", [answer], superpixels={image.id: sp},
+                               num_classes=self.num_classes)
             except GpualError as exc:
                 raise ClientError(400, str(exc)) from None
-            table = self.ws.read_answers(self.round)
-        return {"saved": int(len(regions)), "answers": self.answers(i, table), "progress": self.progress(table)}
+            table = self.ws.read_answers(self.round)  # the table and maps as this write left them
+            return {"saved": int(len(regions)), "answers": self.answers(i, table), "progress": self.progress(table)}
+
+
+def _entry(k: Any, kind: Any, seconds: Any, source: Any) -> dict[str, Any]:
+    """One stored answer as the page reads it (NaN seconds: not measured -> null)."""
+    seconds = float(seconds)
+    return {"class": int(k), "kind": str(kind), "source": str(source), "seconds": None if math.isnan(seconds) else seconds}
 
 
 def _round_images(ws: Workspace, query: pd.DataFrame, index: pd.DataFrame, pool: dict[str, Path]) -> list[RoundImage]:
@@ -395,13 +438,14 @@ def _pixels(values: Any, size: int, region: int, num_classes: int) -> np.ndarray
     if not isinstance(values, list) or len(values) != size:
         got = len(values) if isinstance(values, list) else type(values).__name__
         raise ClientError(400, f"region {region}: pixels must list its {size} pixels in raster order, got {got}")
-    if not all(type(v) is int for v in values):
-        raise ClientError(400, f"region {region}: pixels must be integers")
-    array = np.array(values, np.int64)
-    bad = array[~(((array >= 0) & (array < num_classes)) | (array == VOID))]
-    if bad.size:
-        raise ClientError(400, f"region {region}: pixel class {int(bad[0])} is not one of 0..{num_classes - 1} or 255 (unpainted)")
-    return array.astype(np.uint8)
+    allowed = set(range(num_classes)) | {VOID}
+    # Checked in Python, before NumPy: a huge integer would overflow an int64 array.
+    bad = [v for v in values if type(v) is not int or v not in allowed][:1]
+    if bad:
+        if type(bad[0]) is not int:
+            raise ClientError(400, f"region {region}: pixels must be integers")
+        raise ClientError(400, f"region {region}: pixel class {bad[0]} is not one of 0..{num_classes - 1} or 255 (unpainted)")
+    return np.array(values, np.uint8)
 
 
 def _seconds(value: Any, region: int) -> float:
@@ -457,9 +501,10 @@ class AccessGuard:
         if self.allowed_hosts is not None and host_name(headers.get("host", "")) not in self.allowed_hosts:
             return "this annotator answers only on localhost: open the address `gpual annotate` printed"
         if self.token is not None:
-            given = (QueryParams(scope.get("query_string", b"")).get("token") or headers.get(TOKEN_HEADER)
-                     or cookie_parser(headers.get("cookie", "")).get(TOKEN_COOKIE) or "")
-            if not secrets.compare_digest(given.encode(), self.token.encode()):
+            cookies = cookie_parser(headers.get("cookie", ""))
+            given = [QueryParams(scope.get("query_string", b"")).get("token"), headers.get(TOKEN_HEADER),
+                     *(value for name, value in cookies.items() if name.startswith(TOKEN_COOKIE))]
+            if not any(value and secrets.compare_digest(value.encode(), self.token.encode()) for value in given):
                 return "access token missing or wrong: open the address with ?token= that `gpual annotate` printed"
         return None
 
@@ -490,7 +535,7 @@ def create_app(session: AnnotationSession, token: str | None = None, allowed_hos
         if token is not None and "token" in request.query_params:
             # The token leaves the address bar (and history): a cookie carries it from here.
             response: Response = RedirectResponse("/", status_code=303)
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            response.set_cookie(f"{TOKEN_COOKIE}_{request.url.port or 80}", token, httponly=True, samesite="strict")
             return response
         return _page(STATIC_DIR / "index.html", "text/html; charset=utf-8")
 
@@ -510,7 +555,8 @@ def create_app(session: AnnotationSession, token: str | None = None, allowed_hos
     async def image_file(request: Request) -> Response:
         path = await _threaded(session.image_file, request.path_params["i"])
         media = IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream")
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+        return FileResponse(path, media_type=media,
+                            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     async def superpixels(request: Request) -> Response:
         sp = await _threaded(session.superpixels, request.path_params["i"])
@@ -590,7 +636,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise GpualError(f"--host {host} does not resolve ({exc.strerror}): give an address of this machine, e.g. 127.0.0.1", 2) from None
+        raise GpualError(f"--host {host} does not resolve ({exc.strerror}): give an address of this machine, e.g. 127.0.0.1",
+                         2) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a just-stopped session's port; a live one still refuses
@@ -617,8 +664,10 @@ class AnnotatorServer:
         self.socket = bind_socket(host, port)
         self.port = int(self.socket.getsockname()[1])
         app = create_app(session, self.token, LOCAL_HOSTS if local else None, on_done=self.stop)
-        # A browser keeps connections open: after Done, wait at most a few seconds for them.
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+        # After Done, requests under way (a first prediction on a CPU takes seconds) may finish;
+        # idle keep-alive connections are closed at once.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
+                                timeout_graceful_shutdown=15)
         self.server = uvicorn.Server(config)
 
     @property
