@@ -172,11 +172,18 @@ def demo(
     workspace: Path = typer.Option(Path("gpual-demo"), "--workspace", "-w", help="Where to put the synthetic data and rounds."),
     rounds: int = typer.Option(3, "--rounds", "-n", min=1, help="Active-learning rounds."),
     device: str = DeviceOpt,
+    annotate: bool = typer.Option(False, "--annotate", help="Label round 1 yourself: round 0 runs with the simulated "
+                                  "oracle, then round 1's regions are served in the browser; after Done the demo trains "
+                                  "on your answers and evaluates."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="With --annotate: the page's port (0: any free one)."),
+    open_browser: bool = typer.Option(True, "--open/--no-open", help="With --annotate: open the page in this machine's browser."),
 ) -> None:
     """The whole loop on synthetic scenes, no download: data, workspace, superpixels, `run`.
 
     Writes synthetic scenes and a workspace with the `demo` preset under --workspace,
-    then runs the rounds and prints the mIoU and labelled pixel share per round."""
+    then runs the rounds and prints the mIoU and labelled pixel share per round. With
+    --annotate, a person labels round 1 in the browser (`gpual annotate`) and the demo
+    trains on those answers (all of them, or the ones given before Done)."""
     from gpual.backend import get_backend
     from gpual.config import make_config
     from gpual.loop import LoopOptions, run_loop
@@ -192,9 +199,39 @@ def demo(
     backend = get_backend(device)
     console.print(f"demo: {len(data.samples('train'))} synthetic pool images, {data.num_classes} classes, workspace {ws.root}, {backend.name}")
     with ws.lock("demo"), progress_bars() as bars:
-        rows = run_loop(ws, backend, LoopOptions(rounds), _reporter, bars)
+        rows = run_loop(ws, backend, LoopOptions(1 if annotate else rounds), _reporter, bars)
+    if annotate:
+        rows = _annotate_round_one(ws, backend, port, open_browser)
     _print_rounds(rows)
     console.print(f"demo done in {time.perf_counter() - start:.0f} s; inspect it with `gpual status {ws.root}`")
+
+
+def _annotate_round_one(ws: Workspace, backend: Any, port: int, open_browser: bool) -> list[dict[str, Any]]:
+    """Select round 1, serve it to a person, then train and evaluate on their answers."""
+    from cli.annotate import report, serve
+    from gpual.acquisition import acquire
+    from gpual.evaluation import evaluate
+    from gpual.loop import rounds_summary
+    from gpual.training import train_round
+
+    with ws.lock("demo --annotate"):
+        if not ws.round_state(1).selected:
+            with progress_bars() as bars:
+                result = acquire(ws, 1, backend, progress=bars("select"))
+            _reporter(1, "select", {"strategy": result.strategy, "regions": result.budget, "notes": result.notes})
+        state = ws.round_state(1)
+        if not state.trained:
+            session = serve(ws, 1, "127.0.0.1", port, backend.device.type, open_browser)
+            report(session)
+            if ws.round_state(1).answered == 0:
+                console.print(f"no answers given: run `gpual demo --annotate -w {ws.root}` again to label round 1")
+                return rounds_summary(ws, 2)
+            with progress_bars() as bars:
+                _reporter(1, "train", train_round(ws, 1, backend.device, partial=True, progress=bars("train"),
+                                                  resume=ws.resume_path(1).exists()))
+        if not ws.round_state(1).evaluated:
+            _reporter(1, "evaluate", evaluate(ws, 1, ws.config.data.val_split, backend.device))
+    return rounds_summary(ws, 2)
 
 
 def register(app: typer.Typer) -> None:

@@ -37,30 +37,38 @@ def annotate(
     rounds/N-1/checkpoint.pt; holds the workspace lock until the page's Done button (or
     Ctrl-C) stops the server.
     """
-    from gpual.annotator.server import AnnotationSession, AnnotatorServer
-
     ws = Workspace.open(workspace_path(workspace))
     with ws.lock("annotate"):
-        session = AnnotationSession(ws, round, device)  # refuses an unselected or trained round
-        server = AnnotatorServer(session, host, port)  # refuses a busy port, before serving anything
-        progress = session.progress()
-        console.print(
-            f"round {round}: {progress['queried']} regions in {progress['images']} images, {progress['answered']} answered; "
-            + ("pre-chosen classes from " + str(session.checkpoint) if session.checkpoint else "no model yet: nothing pre-chosen")
-        )
-        console.print(f"annotate at [bold]{server.url}[/]  (press Done on the page, or Ctrl-C here, to stop)", highlight=False)
-        if server.token:
-            console.print("the token in this URL is needed by every request: share it only with the annotator")
-        if open_browser:
-            webbrowser.open(server.url)
-        try:
-            server.run()
-        except KeyboardInterrupt:  # Ctrl-C is a way to stop too: every answer given is already stored
-            console.print("stopped by Ctrl-C")
-    _report(session)
+        session = serve(ws, round, host, port, device, open_browser)
+    report(session)
 
 
-def _report(session: "AnnotationSession") -> None:
+def serve(ws: Workspace, round: int, host: str = "127.0.0.1", port: int = 8765, device: str = "auto",
+          open_browser: bool = True) -> "AnnotationSession":
+    """Serve round ``round``'s annotation page until Done or Ctrl-C (the caller holds the
+    workspace lock); returns the session, whose answers are in the label store."""
+    from gpual.annotator.server import AnnotationSession, AnnotatorServer
+
+    session = AnnotationSession(ws, round, device)  # refuses an unselected or trained round
+    server = AnnotatorServer(session, host, port)  # refuses a busy port, before serving anything
+    progress = session.progress()
+    console.print(
+        f"round {round}: {progress['queried']} regions in {progress['images']} images, {progress['answered']} answered; "
+        + ("pre-chosen classes from " + str(session.checkpoint) if session.checkpoint else "no model yet: nothing pre-chosen")
+    )
+    console.print(f"annotate at [bold]{server.url}[/]  (press Done on the page, or Ctrl-C here, to stop)", highlight=False)
+    if server.token:
+        console.print("the token in this URL is needed by every request: share it only with the annotator")
+    if open_browser:
+        webbrowser.open(server.url)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C is a way to stop too: every answer given is already stored
+        console.print("stopped by Ctrl-C")
+    return session
+
+
+def report(session: "AnnotationSession") -> None:
     """Where the round stands after the server stopped, and the command to run next."""
     progress = session.progress()
     ws, round = session.ws, session.round

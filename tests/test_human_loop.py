@@ -131,3 +131,45 @@ def test_partial_round_trains_and_its_unanswered_regions_return_to_the_pool(caps
     # The 15 unanswered regions are candidates again in round 1.
     result = acquire(ws, 1, cpu_backend(), strategy="random", budget=10)
     assert result.candidates == int(ws.status()["pool_regions"]) - 25
+
+
+@pytest.mark.slow
+def test_demo_annotate_serves_round_one_then_trains_on_the_answers(tmp_path: Path) -> None:
+    """`gpual demo --annotate`: round 0 by the oracle, round 1 served; a client answers every
+    region (class 1 as a stand-in for a person) and presses Done; the demo then trains round 1
+    on those answers and prints its mIoU."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+
+    root = tmp_path / "demo"
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    command = [str(Path(sys.executable).parent / "gpual"), "demo", "--annotate", "--no-open", "--port", "0",
+               "-w", str(root), "--device", "cpu"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        while not any("annotate at" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        url = re.search(r"http://127\.0\.0\.1:\d+/", lines[-1]).group(0)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for image in client.get("/api/session").json()["images"]:
+                answers = [{"region": r, "class": 1, "seconds": 1.0} for r in image["regions"]]
+                assert client.post(f"/api/images/{image['index']}/answers", json={"answers": answers}).status_code == 200
+            assert client.post("/api/done", json={}).status_code == 200
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    out = "".join(lines) + out
+    assert process.returncode == 0, out
+    assert "round 1: 60 / 60 regions answered" in out and "round 1: mIoU" in out
+    ws = Workspace.open(root)
+    answers = ws.read_answers(1)
+    assert len(answers) == 60 and (answers["source"] == "annotator").all() and (answers["class"] == 1).all()
+    assert ws.round_state(1).evaluated and ws.read_metrics(1)["training"]["labeled_pixels"] > 0
