@@ -65,8 +65,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
 
 
 def kernel_profile(fn, device: torch.device, top: int) -> list[dict[str, Any]]:
-    """The ``top`` kernels (CPU ops, on the CPU) of one ``fn()`` by total self time, in
-    microseconds, from ``torch.profiler``, each with its share of all of them.
+    """The ``top`` kernels (CPU ops, on the CPU) of one ``fn()`` after a warm-up call, by
+    total self time, in microseconds, from ``torch.profiler``, each with its share of all of them.
 
     On CUDA only the kernel rows are kept (``device_type`` CUDA): the rows of the torch ops
     that launched them would count each kernel twice. (That filter is new since the last
@@ -77,6 +77,8 @@ def kernel_profile(fn, device: torch.device, top: int) -> list[dict[str, Any]]:
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()  # warm-up: a cold process's first call (allocations, lazy init) would dominate the profile
+    sync(device)
     with profile(activities=activities) as prof:
         fn()
         sync(device)

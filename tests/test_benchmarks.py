@@ -250,4 +250,10 @@ def test_kernel_profile_lists_the_costliest_ops_with_their_shares() -> None:
     rows = bench.kernel_profile(lambda: (x @ x).exp().sum(), torch.device("cpu"), 2)
     assert len(rows) == 2 and rows[0]["device_us"] >= rows[1]["device_us"] > 0
     assert 0 < rows[1]["share"] <= rows[0]["share"] <= 1 and all(r["calls"] >= 1 for r in rows)
-    assert any("mm" in r["name"] for r in rows)  # the matrix product is among the two costliest
+    # Which op is costliest depends on the machine and its load: only that the rows are ops
+    # of the profiled function, never the order, is asserted (a cold first run once put
+    # the matrix product third).
+    every = bench.kernel_profile(lambda: (x @ x).exp().sum(), torch.device("cpu"), 100)
+    names = {r["name"] for r in every}
+    assert {r["name"] for r in rows} <= names and {"aten::mm", "aten::exp", "aten::sum"} <= names
+    assert sum(r["share"] for r in every) == pytest.approx(1.0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +98,7 @@ def test_bad_parameters(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
-def test_default_set_is_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_default_set_sizes(tmp_path: Path) -> None:
+    # Its speed is part of `gpual demo`'s wall time, measured outside the tests.
     spec = make_scenes(tmp_path / "default")
-    elapsed = time.perf_counter() - start
     assert len(spec.samples("train")) == 48 and len(spec.samples("val")) == 16
-    assert elapsed < 2.0, f"make_scenes took {elapsed:.2f} s"
