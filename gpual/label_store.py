@@ -92,7 +92,9 @@ def record_answers(ws: Workspace, round: int, source: str, answers: Iterable[Ima
     Every region must be in the round's query, every class in ``[0, num_classes)`` or 255;
     a label map must have its image's superpixel size. Nothing is written when any check
     fails (GpualError naming the first bad answer). ``superpixels`` may hold the images'
-    maps already loaded. The caller holds the workspace lock.
+    maps already loaded. The caller holds the workspace lock (other processes), and callers
+    on several threads of one process serialise their calls (the annotator's server does):
+    the table is read, merged and rewritten.
     """
     from gpual.datasets import open_dataset
     from gpual.superpixels import load_superpixels, read_index
