@@ -1,7 +1,9 @@
 """``gpual``: the Typer application. Commands live in one module per pipeline stage
 (``cli/<stage>.py``), each exposing ``register(app)``; this module builds the app, turns
-:class:`~gpual.errors.GpualError` into one line on stderr plus its exit code, and holds
-the options every command shares.
+:class:`~gpual.errors.GpualError`, an ``OSError`` met at the workspace boundary (read-only
+or full disk, no permission) and Click's usage errors into one ``error: ...`` line on
+stderr plus the exit code of :mod:`gpual.errors`' rule, and holds the options every
+command shares.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from gpual.errors import GpualError
+from gpual.errors import GpualError, os_error
 
 console = Console(soft_wrap=True)  # commands and paths stay on one line, copy-pasteable
 err_console = Console(stderr=True, soft_wrap=True)
@@ -40,9 +43,22 @@ def final_columns(rows: list[dict]) -> tuple[str, ...]:
     return ("mIoU, final retraining",) if any(row.get("final_miou") is not None for row in rows) else ()
 
 
+# The workspace the running command named, for errors that carry no file name (a write
+# that ran out of space): set by workspace_path.
+_current_workspace: Path | None = None
+
+
 def workspace_path(path: Path) -> Path:
     """Normalise a workspace argument (no existence check: commands decide)."""
-    return Path(path).expanduser()
+    global _current_workspace
+    _current_workspace = Path(path).expanduser()
+    return _current_workspace
+
+
+def _error(message: str, exit_code: int) -> None:
+    """Print ``error: MESSAGE`` (one line, as given: no rich markup) and exit."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(exit_code)
 
 
 def _register_all() -> None:
@@ -61,12 +77,16 @@ def _register_all() -> None:
 
 def main() -> None:
     """Console-script entry point: run the app, one-line errors, clean exit codes."""
+    global _current_workspace
     _register_all()
+    _current_workspace = None
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="gpual")  # the usage lines say `gpual`, however it was started
     except GpualError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _error(str(exc), exc.exit_code)
+    except OSError as exc:  # the disk refused: read-only, full, no permission, a file where a folder should be
+        error = os_error(exc, _current_workspace)
+        _error(str(error), error.exit_code)
     except typer.Abort:
         err_console.print("[bold red]error:[/] aborted; nothing was written by the interrupted step")
         sys.exit(130)
@@ -76,11 +96,28 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # usage errors come through here in non-standalone mode
-        show = getattr(exc, "show", None)
-        if isinstance(exc, _usage_error_types()) and callable(show):
-            show()
+        if not isinstance(exc, _usage_error_types()):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `gpual` alone (or a group without its command): the help
+            exc.show()
             sys.exit(getattr(exc, "exit_code", 2))
-        raise
+        _error(_usage_message(exc), getattr(exc, "exit_code", 2))
+
+
+def _usage_message(exc: Exception) -> str:
+    """Click's usage error as gpual's one line: its message and where the help is
+    (``Invalid value for '--round' / '-r': ...; see `gpual select --help```)."""
+    format_message = getattr(exc, "format_message", None)
+    message = " ".join(str(format_message() if callable(format_message) else exc).split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    try:
+        command = ctx.command_path
+        help_option = ctx.help_option_names[0] if ctx.command.get_help_option(ctx) is not None else None
+    except Exception:  # an older or newer Click without these: the message alone still helps
+        return message
+    return f"{message}; see `{command} {help_option}`" if help_option else message
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from cli.main import WorkspaceArg, cell, console, final_columns, workspace_path
 from gpual.config import DATASET_KINDS, make_config, merge_tables, parse_settings, preset_names
+from gpual.errors import GpualError
 from gpual.workspace import Workspace
 
 
@@ -31,7 +32,10 @@ def init(
     root = Path(data).expanduser().resolve()
     spec = open_dataset(dataset, root)
     overrides = merge_tables(parse_settings(settings), {"data": {"root": str(root), "dataset": dataset}})
-    config = make_config(preset or None, overrides)
+    try:
+        config = make_config(preset or None, overrides)
+    except GpualError as exc:  # a --set value (or the preset's) out of range: an option error, and no gpual.toml yet
+        raise GpualError(str(exc).replace("fix it in gpual.toml", "fix the --set value"), 2) from None
     pool = spec.samples(config.data.pool_split)
     ws = Workspace.create(workspace_path(workspace), config, force=force)
     console.print(

@@ -31,7 +31,7 @@ from gpual.errors import GpualError
 from gpual.loading import StageClock, Waited, host_batches
 from gpual.seeding import MC_DROPOUT, SELECT, derive_seed
 from gpual.strategies import STRATEGY_NAMES, select_regions
-from gpual.superpixels import load_superpixels, read_index, read_region_pixels
+from gpual.superpixels import check_images_unchanged, load_superpixels, read_index, read_region_pixels
 from gpual.workspace import QUERY_COLUMNS, Workspace
 
 Progress = Callable[[int, int], None]
@@ -124,6 +124,7 @@ def acquire(
 
     t_start = time.perf_counter()
     index = read_index(ws)
+    check_images_unchanged(ws, index)  # every region of the pool is a candidate: no stale map
     offsets = index["offset"].to_numpy(np.int64)
     n_regions = int(index["n_regions"].sum())
     labeled = ws.read_labeled(round - 1)
@@ -270,7 +271,7 @@ class PoolBatches(Dataset):
             if image.shape[:2] != sp.shape:
                 raise GpualError(
                     f"{row.path} is {image.shape[1]}x{image.shape[0]} but its superpixels are {sp.shape[1]}x{sp.shape[0]}: "
-                    f"the image changed; run `gpual superpixels {ws.root}`"
+                    "the image changed since its superpixels were computed; restore the original image (the rounds are labelled on it)"
                 )
             images[i, : image.shape[0], : image.shape[1]] = image
             regions[i, : sp.shape[0], : sp.shape[1]] = sp.astype(np.int32) + np.int32(row.offset)

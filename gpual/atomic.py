@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# The temporary names given here: ".NAME.XXXXXXXX.tmp" beside the target NAME, plus NAME's
+# suffix for a file (XXXXXXXX: tempfile's 8 random characters). Nothing else has them.
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
 
 
 @contextmanager
@@ -52,6 +57,38 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep(folder: Path) -> list[Path]:
+    """Delete the temporaries a killed writer left in ``folder`` (not below it); return them.
+
+    Only names this module makes (:data:`TEMP_NAME`): files, and folders of
+    :func:`atomic_dir` unless ``.NAME.old`` is beside them (a swap cut between its two
+    renames: the only copies, left for a person to look at). The caller must hold the
+    lock that every writer of ``folder`` holds, so no temporary is still being written.
+    Best effort: what cannot be deleted is left (the command then fails where it writes).
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_NAME.match(entry.name)
+        if match is None:
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if match["suffix"] is not None or (path.parent / f".{match['name']}.old").exists():
+                    continue
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def write_text(path: Path, text: str) -> None:

@@ -412,7 +412,7 @@ def load_pair(spec: DatasetSpec, sample: Sample, scale: float = 1.0) -> tuple[np
         (ih, iw), (lh, lw) = image.shape[:2], label.shape
         raise GpualError(
             f"image {sample.image} is {iw}x{ih} but its label {sample.label} is {lw}x{lh} (width x height): "
-            "they must be the same size"
+            "a label must be the size of its image; fix or replace the label file"
         )
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return _resize(image, scale, cv2.INTER_AREA), _resize(label, scale, cv2.INTER_NEAREST)

@@ -13,6 +13,17 @@ Cache layout (``WORKSPACE/superpixels/``, see :mod:`gpual.workspace`)::
 edited image or a changed parameter recomputes exactly the maps it affects. Global
 region ids (used by acquisition and labeling) are ``offset + local id``, with ``offset``
 the cumulative region count of the images before it in index order.
+
+The index also records each image file's ``size``, ``mtime_ns`` and ``digest`` (sha256 of
+its bytes) as they were when its map was computed, so the commands that read maps notice
+an image replaced since then (:func:`check_images_unchanged`, and :func:`load_superpixels`
+for each map it loads): one ``stat`` per image while size and mtime match, the content
+hash only where they differ, and only a differing hash is a changed image. Indexes
+written before these columns are read as well (every check then hashes the image).
+
+New maps are written into ``.partial/`` and moved beside the index only once every map
+is computed, so a failed run leaves the cache as it was; a killed or interrupted run
+leaves them there and the next run reuses them.
 """
 from __future__ import annotations
 
@@ -20,9 +31,12 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,7 +47,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from gpual.atomic import atomic_path, write_parquet
+from gpual import atomic
+from gpual.atomic import atomic_path
 from gpual.config import SUPERPIXEL_METHODS
 from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
@@ -58,6 +73,8 @@ INDEX_COLUMNS = {
     "pixels": "int64",
     "offset": "int64",
 }
+# The image file as its map was computed (indexes from before them lack these columns).
+FILE_COLUMNS = {"size": "int64", "mtime_ns": "int64", "digest": str}
 # SEEDS settings the brief fixes (OpenCV's defaults except the shape prior).
 SEEDS_PRIOR = 2
 SEEDS_HISTOGRAM_BINS = 5
@@ -265,11 +282,26 @@ def result_params(ws: Workspace, method: str | None = None) -> dict[str, Any]:
 
 def file_digest(path: Path) -> str:
     """sha256 hex of a file's bytes (GpualError if it cannot be read)."""
+    return file_identity(path)[2]
+
+
+def file_identity(path: Path | str) -> tuple[int, int, str]:
+    """(size in bytes, mtime in ns, sha256 hex of the bytes) of a file, the stat taken
+    before the bytes are read (an edit meanwhile then shows as a changed mtime later).
+    GpualError if it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            st = os.fstat(f.fileno())
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         raise GpualError(f"cannot read image {path}: {exc.strerror or exc}; check that it exists and is readable") from None
+    _VERIFIED[(str(path), st.st_size, st.st_mtime_ns)] = digest
+    return st.st_size, st.st_mtime_ns, digest
+
+
+# (path, size, mtime_ns) -> sha256 of the bytes, for files hashed by this process: an
+# image whose mtime changed but not its bytes (touched, copied) is hashed once per process.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
 def _cache_file_name(image_id: str, key: str) -> str:
@@ -289,10 +321,13 @@ def build_cache(
 ) -> SuperpixelSummary:
     """Compute (or reuse) the superpixels of every pool image and write the index.
 
-    Reads the pool split's images; writes ``superpixels/<id>-<key>.npz`` for images whose
-    key changed, then ``superpixels/regions.parquet`` (pixels per region) and
+    Reads the pool split's images; computes the maps of images whose key changed into
+    ``superpixels/.partial/``, then, once every map is computed, moves them beside the
+    index and replaces ``superpixels/regions.parquet`` (pixels per region) and
     ``superpixels/index.parquet`` (each atomically; the index last), then removes maps no
-    longer referenced. An error part-way leaves the previous index untouched. ``method``
+    longer referenced. An error part-way (an unreadable image, a full disk) leaves the
+    workspace as it was: the maps it computed are deleted. An interrupt (Ctrl-C) or a kill
+    leaves them in ``.partial/`` for the next run to reuse. ``method``
     overrides ``superpixels.method`` without changing the config; ``workers`` (default
     ``superpixels.workers``) processes compute in parallel, 1 = in this process.
     ``progress(done, total)`` is called in this process as images finish.
@@ -307,7 +342,8 @@ def build_cache(
         raise GpualError(f"--workers {workers} must be at least 1", 2)
     data = ws.config.data
     pool = open_dataset(data.dataset, data.root).samples(data.pool_split)
-    keys = [cache_key(file_digest(s.image), params) for s in pool]
+    identities = [file_identity(s.image) for s in pool]
+    keys = [cache_key(digest, params) for _, _, digest in identities]
     files = [_cache_file_name(s.id, k) for s, k in zip(pool, keys)]
 
     old = _read_index_or_none(ws)
@@ -315,14 +351,20 @@ def build_cache(
     old_rows = {} if old is None else {row.image: row for row in old.itertuples(index=False)}
 
     total = len(pool)
+    staging = ws.superpixel_staging_dir
     meta: dict[int, MapMeta] = {}  # pool position -> (n_regions, height, width, pixels per region)
     todo: list[int] = []
+    staged: set[str] = set()  # maps in staging/, moved beside the index once all are there
     for i, (sample, key, name) in enumerate(zip(pool, keys, files)):
         row = old_rows.get(sample.id)
         expected = (int(row.height), int(row.width), int(row.n_regions)) if row is not None and row.key == key else None
-        # A file named by the key but absent from the index was left by an interrupted run
-        # (writes are atomic, so it is whole): it is reused as well.
+        # A file named by the key but absent from the index (beside it from an older gpual,
+        # in staging/ from an interrupted run) is whole (writes are atomic): it is reused too.
         found = _cached_meta(ws.superpixel_dir / name, expected)
+        if found is None:
+            found = _cached_meta(staging / name, None)
+            if found is not None:
+                staged.add(name)
         if found is None:
             todo.append(i)
         else:
@@ -334,32 +376,40 @@ def build_cache(
     in_process = workers == 1 or len(todo) <= 1  # a process pool costs about a second to start
     # One OpenMP thread per worker process (they already fill the cores); all cores in-process.
     threads = -1 if in_process else 1
-    tasks = [(str(pool[i].image), str(ws.superpixel_dir / files[i]), params, threads) for i in todo]
-    ws.superpixel_dir.mkdir(parents=True, exist_ok=True)
-    if in_process:
-        for i, task in zip(todo, tasks):
-            meta[i] = _compute_and_save(task)
-            done += 1
-            if progress:
-                progress(done, total)
-    else:
-        # spawn, not fork: GNU OpenMP (libgomp, under fast-slic) and torch's thread pools
-        # can hang in a forked child of a process that already started them.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool_exec:
-            futures: dict[Future, int] = {pool_exec.submit(_compute_and_save, t): i for i, t in zip(todo, tasks)}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in finished:
-                    if future.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise future.exception()
-                    meta[futures[future]] = future.result()
-                    done += 1
-                    if progress:
-                        progress(done, total)
+    tasks = [(str(pool[i].image), str(staging / files[i]), params, threads) for i in todo]
+    made = [folder for folder in (ws.superpixel_dir, staging) if not folder.exists()]  # removed again on an error
+    if todo:
+        staging.mkdir(parents=True, exist_ok=True)
+    try:
+        if in_process:
+            for i, task in zip(todo, tasks):
+                meta[i] = _compute_and_save(task)
+                done += 1
+                if progress:
+                    progress(done, total)
+        else:
+            # spawn, not fork: GNU OpenMP (libgomp, under fast-slic) and torch's thread pools
+            # can hang in a forked child of a process that already started them.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool_exec:
+                futures: dict[Future, int] = {pool_exec.submit(_compute_and_save, t): i for i, t in zip(todo, tasks)}
+                pending = set(futures)
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for future in finished:
+                        if future.exception() is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise future.exception()
+                        meta[futures[future]] = future.result()
+                        done += 1
+                        if progress:
+                            progress(done, total)
+            # (leaving the with-block waits for the workers still running: nothing writes after it)
+    except Exception:
+        _discard_staged(staging, [files[i] for i in todo], made)
+        raise
+    staged.update(files[i] for i in todo)
 
     n_regions = np.array([meta[i][0] for i in range(total)], dtype=np.int64)
     region_pixels = np.concatenate([meta[i][3] for i in range(total)]) if total else np.zeros(0, np.int64)
@@ -376,14 +426,31 @@ def build_cache(
             "width": widths.astype(np.int32),
             "pixels": heights * widths,
             "offset": np.concatenate([[0], np.cumsum(n_regions)[:-1]]).astype(np.int64),
+            "size": np.array([size for size, _, _ in identities], dtype=np.int64),
+            "mtime_ns": np.array([mtime for _, mtime, _ in identities], dtype=np.int64),
+            "digest": [digest for _, _, digest in identities],
         }
     )
     regions = pd.DataFrame({"pixels": region_pixels.astype(np.int32)})
     stored = _read_regions_or_none(ws)
-    if stored is None or not np.array_equal(stored, region_pixels):
-        write_parquet(ws.superpixel_dir / REGIONS_NAME, regions)
+    writes = []  # the index first: its temporary is replaced last (an ExitStack unwinds in reverse)
     if old is None or not _same_table(old, index):
-        write_parquet(ws.superpixel_dir / INDEX_NAME, index)
+        writes.append((ws.superpixel_dir / INDEX_NAME, index))
+    if stored is None or not np.array_equal(stored, region_pixels):
+        writes.append((ws.superpixel_dir / REGIONS_NAME, regions))
+    try:
+        with ExitStack() as stack:
+            # Both tables are written out before any map moves in: a full disk fails here,
+            # with the cache as it was.
+            for path, frame in writes:
+                frame.to_parquet(stack.enter_context(atomic_path(path)), index=False)
+            ws.superpixel_dir.mkdir(parents=True, exist_ok=True)
+            for name in sorted(staged):  # renames: no space needed
+                os.replace(staging / name, ws.superpixel_dir / name)
+    except Exception:
+        _discard_staged(staging, [files[i] for i in todo], made)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # maps of an interrupted run no longer wanted
     _remove_unreferenced(ws.superpixel_dir, set(files))
     return SuperpixelSummary(
         images=total,
@@ -454,6 +521,19 @@ def _load_labels(path: Path) -> np.ndarray:
     if labels.ndim != 2 or labels.dtype != np.uint16:
         raise GpualError(f"superpixel file {path} holds a {labels.dtype} array of shape {labels.shape}, not (H, W) uint16")
     return labels
+
+
+def _discard_staged(staging: Path, names: list[str], made: list[Path]) -> None:
+    """Undo a failed build: delete the maps it wrote into ``staging`` (and temporaries a
+    worker left there), and the folders it created when they are empty again."""
+    for name in names:
+        (staging / name).unlink(missing_ok=True)
+    atomic.sweep(staging)
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (maps of an earlier, interrupted run) or already gone
+            pass
 
 
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
@@ -548,16 +628,67 @@ def _read_index_or_none(ws: Workspace) -> pd.DataFrame | None:
         return None
 
 
+def check_images_unchanged(ws: Workspace, index: pd.DataFrame, images: list[str] | None = None) -> None:
+    """Refuse (GpualError, exit code 1) when a pool image of ``index`` (those named in
+    ``images``; default all) is no longer the file its superpixel map was computed from:
+    replaced, edited or gone. One ``stat`` per image where size and mtime are the
+    recorded ones; the file is hashed only where they differ (a touched or copied image
+    with the same bytes passes, hashed once per process; `gpual superpixels` records the
+    new mtime). The error names the image and what to do: `gpual superpixels` while the
+    workspace has no round, restoring the image (or a new workspace) once it has."""
+    rows = index if images is None else index[index["image"].isin(list(images))]
+    for row in rows.to_dict("records"):
+        _check_image_unchanged(ws, row)
+
+
+def _check_image_unchanged(ws: Workspace, row: dict[str, Any]) -> None:
+    """:func:`check_images_unchanged` for one index row (a dict or a Series)."""
+    image, path = str(row["image"]), str(row["path"])
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise GpualError(
+            f"pool image {image!r} is not readable at {path} any more ({exc.strerror or exc}): restore it; if the dataset "
+            f"moved, set data.root in {ws.root / 'gpual.toml'} and run `gpual superpixels {ws.root}` (unchanged images keep their maps)"
+        ) from None
+    size, mtime, digest = (row.get(name) for name in FILE_COLUMNS)
+    known = isinstance(digest, str) and bool(digest) and not pd.isna(size) and not pd.isna(mtime)
+    if known and int(size) == st.st_size and int(mtime) == st.st_mtime_ns:
+        return
+    current = _VERIFIED.get((path, st.st_size, st.st_mtime_ns))
+    if current is None:
+        current = file_identity(path)[2]
+    if known:
+        if current == digest:
+            return
+        what = f"pool image {image!r} ({path}) changed since its superpixels were computed"
+    else:  # an index from before the file columns: the key also holds the settings
+        if cache_key(current, result_params(ws)) == str(row["key"]):
+            return
+        what = (f"pool image {image!r} ({path}) no longer matches its superpixel map (the image, or the superpixel "
+                "settings in gpual.toml, changed since `gpual superpixels`)")
+    rounds = ws.rounds()
+    if not rounds:
+        raise GpualError(f"{what}: run `gpual superpixels {ws.root}` to recompute its map, then run this command again")
+    raise GpualError(
+        f"{what}, and {ws.root} already has rounds whose labels point at the old map's regions: restore the original "
+        f"image, or start a new workspace (`gpual init NEW --data {ws.config.data.root}`) to use the new one"
+    )
+
+
 def load_superpixels(ws: Workspace, image_id: str, index: pd.DataFrame | None = None) -> np.ndarray:
     """(H, W) uint16 region ids (0..n_regions-1, host) of pool image ``image_id``; reads only its file.
 
-    Pass ``index`` (from :func:`read_index`) when loading many images.
+    Refuses (GpualError) a map whose image changed since it was computed
+    (:func:`check_images_unchanged`: one ``stat`` while the image's size and mtime are
+    the recorded ones). Pass ``index`` (from :func:`read_index`) when loading many images.
     """
     index = read_index(ws) if index is None else index
     rows = index[index["image"] == image_id]
     if len(rows) == 0:
         raise GpualError(f"image {image_id!r} is not in {ws.root}'s superpixel index: run `gpual superpixels {ws.root}`")
     row = rows.iloc[0]
+    _check_image_unchanged(ws, row)
     path = ws.superpixel_dir / str(row["file"])
     rerun = f"run `gpual superpixels {ws.root}` to recompute it"
     try:

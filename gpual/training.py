@@ -114,6 +114,7 @@ class TrainingSet:
     targets: list[np.ndarray]
     scale: float
     fingerprint: str  # identifies the labels, so a resume refuses changed ones
+    labels: list[Path] | None = None  # the label files the targets were read from (the full reference); None: the label store
 
     @property
     def labeled_pixels(self) -> int:
@@ -121,10 +122,11 @@ class TrainingSet:
 
 
 class _ImageTargets(Dataset):
-    """Item i: (image (H, W, 3) uint8, target (H, W) uint8) CPU tensors; images decoded here."""
+    """Item i: (image (H, W, 3) uint8, target (H, W) uint8) CPU tensors; images decoded here.
+    ``labels``: the label files the targets come from (None: the label store's answers)."""
 
-    def __init__(self, images: list[Path], targets: list[np.ndarray], scale: float) -> None:
-        self.images, self.targets, self.scale = images, targets, scale
+    def __init__(self, images: list[Path], targets: list[np.ndarray], scale: float, labels: list[Path] | None = None) -> None:
+        self.images, self.targets, self.scale, self.labels = images, targets, scale, labels
 
     def __len__(self) -> int:
         return len(self.images)
@@ -135,9 +137,15 @@ class _ImageTargets(Dataset):
         image = read_image(self.images[i], self.scale)
         target = self.targets[i]
         if image.shape[:2] != target.shape:
-            raise GpualError(
-                f"{self.images[i]} is {image.shape[1]}x{image.shape[0]} at scale {self.scale} but its labels are "
-                f"{target.shape[1]}x{target.shape[0]}: the image changed; run `gpual superpixels` again or restore it"
+            if self.labels is not None:  # a ground-truth label file of another size: the label is at fault
+                raise GpualError(
+                    f"label {self.labels[i]} is {target.shape[1]}x{target.shape[0]} at scale {self.scale} but its image "
+                    f"{self.images[i]} is {image.shape[1]}x{image.shape[0]}: the label file does not match its image; fix or replace it"
+                )
+            raise GpualError(  # the label store's targets have the size of the image's superpixel map
+                f"{self.images[i]} is {image.shape[1]}x{image.shape[0]} at scale {self.scale} but its labels (on its superpixel "
+                f"map) are {target.shape[1]}x{target.shape[0]}: the image changed since its superpixels were computed; "
+                "restore the original image"
             )
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(target))
 
@@ -176,14 +184,15 @@ def full_training_set(ws: Workspace) -> TrainingSet:
 
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
     scale = ws.config.data.scale
-    ids, images, targets = [], [], []
+    ids, images, targets, labels = [], [], [], []
     for sample in spec.samples(ws.config.data.pool_split):
         if sample.label is None:
             raise GpualError(f"pool image {sample.image} has no label file: the full reference needs every label")
         ids.append(sample.id)
         images.append(sample.image)
+        labels.append(sample.label)
         targets.append(read_label(spec, sample.label, scale))
-    return TrainingSet(ids, images, targets, scale, _fingerprint(["full", str(scale), *ids]))
+    return TrainingSet(ids, images, targets, scale, _fingerprint(["full", str(scale), *ids]), labels)
 
 
 def _fingerprint(parts: list[str]) -> str:
@@ -424,7 +433,7 @@ def _train(ws: Workspace, run: ModelRun, data: TrainingSet, tag: int, init: Path
     if resume:
         start_epoch, history, seconds_before = _restore(t, state_path, data, meta, command)
 
-    dataset = _ImageTargets(data.images, data.targets, data.scale)
+    dataset = _ImageTargets(data.images, data.targets, data.scale, data.labels)
     batch_size = config.train.batch_size
     batches = (len(dataset) + batch_size - 1) // batch_size
     total_steps, steps = epochs * batches, start_epoch * batches

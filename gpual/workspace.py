@@ -7,6 +7,7 @@ Layout::
       .lock                       held (flock) by the one command that writes
       superpixels/index.parquet   one row per pool image (see gpual.superpixels)
       superpixels/*.npz           one compressed uint16 label map per pool image
+      superpixels/.partial/       new maps while `gpual superpixels` runs (moved in at its end)
       rounds/NNN/query.parquet    regions selected in round NNN (round 0: random init)
       rounds/NNN/answers.parquet  the label store: one row per answered region of round NNN,
       rounds/NNN/answers/*.png    whoever answered (see gpual.label_store)
@@ -27,8 +28,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ import pandas as pd
 
 from gpual import atomic
 from gpual.config import Config, dump_config, load_config
-from gpual.errors import GpualError
+from gpual.errors import GpualError, os_error
 
 CONFIG_NAME = "gpual.toml"
 STEPS = ("select", "label", "train", "evaluate")
@@ -143,11 +146,22 @@ class Workspace:
 
     @classmethod
     def open(cls, root: Path) -> "Workspace":
-        """Open an existing workspace (its config is read and validated)."""
+        """Open an existing workspace (its config is read and validated).
+
+        Every problem with the config (not TOML, an unknown key, a wrong type, a value out
+        of range) is a GpualError with exit code 2 that names the file and the fix.
+        """
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise GpualError(
+                f"{root} is a file, not a gpual workspace folder: give the workspace's folder "
+                f"(a new one is made with `gpual init NEW --data PATH`)"
+            )
+        if not root.exists():
+            raise GpualError(f"{root} is not a gpual workspace (it does not exist): create it with `gpual init {root} --data PATH`")
         if not (root / CONFIG_NAME).exists():
             raise GpualError(f"{root} is not a gpual workspace (no {CONFIG_NAME}): create it with `gpual init {root} --data PATH`")
-        return cls(root, load_config(root / CONFIG_NAME))
+        return cls(root, _load_workspace_config(root / CONFIG_NAME))
 
     def save_config(self) -> None:
         atomic.write_text(self.root / CONFIG_NAME, dump_config(self.config))
@@ -158,10 +172,16 @@ class Workspace:
         """Hold the workspace's writer lock for the duration of ``command``.
 
         An advisory ``flock``: the OS drops it when the process dies, so a crash never
-        leaves a stale lock. A second writer gets a one-line error naming the holder.
+        leaves a stale lock. A second writer gets a one-line error naming the holder; a
+        workspace that cannot be written (read-only disk, no permission) a one-line error
+        saying what to do. Once held, the temporaries that killed writers left behind are
+        deleted (:meth:`sweep_temporaries`).
         """
         path = self.root / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only disk, no permission, .lock a folder
+            raise os_error(exc, self.root) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,8 +190,11 @@ class Workspace:
                 raise GpualError(
                     f"workspace {self.root} is locked by {holder}: wait for it to finish, then run `gpual {command}` again"
                 ) from None
+            except OSError as exc:  # a file system without locks (ENOLCK)
+                raise os_error(exc, self.root) from None
             os.ftruncate(fd, 0)
             os.write(fd, f"`gpual {command}` (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})".encode())
+            self.sweep_temporaries()
             try:
                 yield
             finally:
@@ -180,10 +203,31 @@ class Workspace:
         finally:
             os.close(fd)
 
+    def sweep_temporaries(self) -> list[Path]:
+        """Delete the temporary files (and :func:`gpual.atomic.atomic_dir` folders) that a
+        killed writer left: only names of :data:`gpual.atomic.TEMP_NAME`, in the workspace
+        folder, ``superpixels/`` (and its staging folder), ``rounds/``, every round's folder
+        and the folders in it, and ``full/``. Call it holding the lock (:meth:`lock` does)."""
+        folders = [self.root, self.superpixel_dir, self.superpixel_staging_dir, self.rounds_dir]
+        for top in [*_subfolders(self.rounds_dir), self.full_dir]:
+            folders.append(top)
+            folders.extend(_subfolders(top))
+        removed: list[Path] = []
+        for folder in folders:
+            removed.extend(atomic.sweep(folder))
+        return removed
+
     # --- paths ------------------------------------------------------------------------
     @property
     def superpixel_dir(self) -> Path:
         return self.root / "superpixels"
+
+    @property
+    def superpixel_staging_dir(self) -> Path:
+        """Where ``gpual superpixels`` writes new maps until every one is computed (then
+        they move into :attr:`superpixel_dir`); left only by a killed or interrupted run,
+        whose maps the next run reuses."""
+        return self.superpixel_dir / ".partial"
 
     @property
     def rounds_dir(self) -> Path:
@@ -433,6 +477,37 @@ class Workspace:
             return open_dataset(self.config.data.dataset, self.config.data.root).has_labels(self.config.data.pool_split)
         except GpualError:
             return False
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders directly in ``folder`` (none when it does not exist), hidden ones aside."""
+    try:
+        return [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def _load_workspace_config(path: Path) -> Config:
+    """:func:`gpual.config.load_config`, every error naming ``path`` and the fix, exit code 2."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise os_error(exc) from None
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        where = f"line {line[1]} of {path}" if line else str(path)
+        raise GpualError(f"{path} is not valid TOML ({exc}): fix {where} in an editor (the other settings are kept)", 2) from None
+    try:
+        return load_config(path)
+    except GpualError as exc:
+        message = str(exc)
+        if message.endswith("fix it in gpual.toml"):
+            message = f"{message[: -len('gpual.toml')]}{path}"
+        elif str(path) not in message:
+            message = f"{message}; fix it in {path}"
+        raise GpualError(message, 2) from None
 
 
 def empty_table(columns: dict[str, str]) -> pd.DataFrame:
