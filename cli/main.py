@@ -61,6 +61,10 @@ def _error(message: str, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+COMMAND_ORDER = ("init", "superpixels", "select", "annotate", "export", "import", "label", "train", "evaluate", "run",
+                 "status", "presets", "demo")
+
+
 def _register_all() -> None:
     from cli import workspace as workspace_cmds
 
@@ -73,6 +77,9 @@ def _register_all() -> None:
                 raise
             continue
         module.register(app)
+    # `gpual --help` lists the commands in the order a round uses them.
+    order = {name: i for i, name in enumerate(COMMAND_ORDER)}
+    app.registered_commands.sort(key=lambda command: order.get(command.name or "", len(order)))
 
 
 def main() -> None:
