@@ -7,6 +7,7 @@ against the full-supervision reference trained with the same network and schedul
 
     python benchmarks/al_curve.py ... --strategies umap-kmeans-entropy --set acquisition.region_score=mean
     python benchmarks/al_curve.py ... --rounds 5 --final 2,4     # the paper's protocol at rounds 2 and 4
+    python benchmarks/al_curve.py ... --budget-pixels 1% --final last   # equal cost: 1% of the pool's pixels a round
 
 Two mIoUs per round. The round's model is fine-tuned round after round, so round r has
 trained ``epochs_per_round`` x (r + 1) epochs (the table says how many) while the reference
@@ -26,12 +27,30 @@ score nor the UMAP and KMeans settings, so it runs once per seed and is copied i
 that may share it. The full-supervision reference is trained once per ``--out`` and
 reused by every run whose settings differ only in what it does not read (acquisition,
 UMAP, KMeans); a workspace made with other settings is refused, never silently reused.
-Writes JSON + a markdown table in benchmarks/results/ and a PNG with the mean and
-spread (min..max) over seeds.
+Equal cost (``--budget-pixels SHARE``): every strategy labels SHARE of the pool's pixels
+per round after round 0 (``acquisition.budget_unit = "pixels"``: each ranking is cut where
+the next region would pass the budget, so the rounds' shares agree to within a region), and
+the runs are compared at equal cost, paired by seed: for each seed, the reference strategy's
+(``--reference``, random) cumulative cost at each round is that seed's x, every other
+strategy's mIoU is read off its own curve there (linear between its rounds, and along its
+end segments for up to a quarter of their length beyond them; nothing further), and the
+difference to the reference is taken seed by seed. The report gives per round the mean over seeds, the paired differences' mean and a 95%
+t interval (scipy; a seeded bootstrap without it), for two cost models: labelled pixels
+(what ``--budget-pixels`` equalises) and clicks (labelled regions, one per region under
+``acquisition.oracle = "dominant"``). Without ``--budget-pixels`` the same comparison
+interpolates curves of equal region budgets. ``--final`` adds, at the last round it names,
+each strategy's ratio of the final retraining to full supervision, with the paired
+difference to the reference (final retrainings are not interpolated: at equal cost only
+when the budgets were in pixels).
+
+Writes JSON + markdown tables in benchmarks/results/ and a PNG: mIoU against labelled
+pixels (mean over seeds and its 95% interval per strategy), and the paired difference to
+the reference with its interval.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -45,20 +64,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_info, write_result  # noqa: E402
 
+from gpual.acquisition import parse_budget_pixels  # noqa: E402
 from gpual.backend import get_backend  # noqa: E402
 from gpual.config import Config, make_config, merge_tables, parse_settings  # noqa: E402
 from gpual.errors import GpualError  # noqa: E402
 from gpual.loop import LoopOptions, run_loop  # noqa: E402
-from gpual.strategies import settings_unread  # noqa: E402
+from gpual.strategies import pixel_budget, settings_unread  # noqa: E402
 from gpual.workspace import Workspace  # noqa: E402
 
 
 # Config sections the full-supervision reference never reads: runs that differ only
 # there share one base workspace (its superpixels and its reference).
 RUN_ONLY_SECTIONS = ("acquisition", "umap", "kmeans")
-# What round 0 (a seeded uniform draw, then training) does not read: two acquisition
-# keys and the UMAP and KMeans sections.
-ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score"))
+# What round 0 (a seeded uniform draw of init_budget regions, then training) does not read:
+# these acquisition keys (the pixel budget applies from round 1) and the UMAP and KMeans sections.
+ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score"), ("acquisition", "budget_unit"),
+                      ("acquisition", "budget_pixels"), ("acquisition", "class_balance"),
+                      ("acquisition", "clusters_per_budget"))
 ROUND_ZERO_IGNORED_SECTIONS = ("umap", "kmeans")
 # Process counts: they change how fast a run goes, never what it computes (flips and
 # shuffling are seeded in the main process), so they never separate runs.
@@ -80,10 +102,26 @@ def _differences(have: dict[str, Any], want: dict[str, Any], skip: tuple[str, ..
     return out
 
 
+# Keys added to gpual after workspaces were made, with the value that does what gpual did
+# before them: a gpual.toml without one ran with that value.
+AS_BEFORE = {"acquisition.budget_unit": "regions", "acquisition.class_balance": 0.0,
+             "acquisition.clusters_per_budget": 1.0}
+
+
+def _as_before(key: str, want: dict[str, Any]) -> bool:
+    """Whether a workspace made before ``key`` existed ran as ``want`` asks (see :data:`AS_BEFORE`)."""
+    section, name = key.split(".", 1)
+    if key == "acquisition.budget_pixels":  # read only with budget_unit = "pixels"
+        return want["acquisition"].get("budget_unit") == "regions"
+    return key in AS_BEFORE and want[section][name] == AS_BEFORE[key]
+
+
 def _absent(written: dict[str, Any], want: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
-    """Dotted keys of ``want`` that a workspace's ``gpual.toml`` (``written``) does not hold."""
+    """Dotted keys of ``want`` that a workspace's ``gpual.toml`` (``written``) does not hold
+    (those whose wanted value is what gpual did before the key existed aside)."""
     return [f"{section}.{key}" for section in sorted(want) for key in sorted(want[section])
-            if key not in written.get(section, {}) and not _skipped(f"{section}.{key}", skip)]
+            if key not in written.get(section, {}) and not _skipped(f"{section}.{key}", skip)
+            and not _as_before(f"{section}.{key}", want)]
 
 
 def open_or_create(root: Path, config: Config, skip: tuple[str, ...] = ()) -> Workspace:
@@ -182,35 +220,241 @@ def final_rounds(text: str, rounds: int) -> tuple[int, ...]:
     return chosen
 
 
+def within_budget(rows: list[dict[str, Any]], share: float, pool_pixels: int) -> bool:
+    """Whether every round after round 0 labelled at most the pixel budget of ``share``
+    (:func:`gpual.strategies.pixel_budget` of the pool's ``pool_pixels``)."""
+    cap = pixel_budget(share, pool_pixels)
+    shares = [row["labeled_share"] for row in rows]
+    return all((b - a) * pool_pixels <= cap + 0.5 for a, b in zip(shares, shares[1:]) if _finite(a) and _finite(b))
+
+
 def _finals(runs: list[list[dict[str, Any]]], r: int) -> list[float]:
     """The final-retraining mIoUs of round ``r`` over seeds (those that have one)."""
     return [run[r]["final_miou"] for run in runs if run[r].get("final_miou") is not None]
 
 
-def plot(curves: dict[str, list[list[dict[str, Any]]]], full: float, path: Path) -> None:
+# Cost models of the equal-cost comparison: the name, the summary row's cumulative cost,
+# and how the tables show it.
+COST_MODELS = {"pixels": "labeled_share", "clicks": "labeled_regions"}
+# How far beyond its first or last round a run's curve may be read, as a share of that end
+# segment's length (the segment extended linearly): a pixel budget leaves each round short
+# of the budget by less than a region, a small part of a round; a curve that ends more than
+# a quarter of a round short of x has no value there.
+EXTRAPOLATE = 0.25
+CONFIDENCE = 0.95
+BOOTSTRAP_DRAWS = 10_000
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def paired_interval(values: list[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean of ``values`` (paired differences, or any per-seed numbers) and its two-sided
+    ``confidence`` interval: Student's t (scipy.stats), or where scipy is missing a
+    percentile bootstrap of the mean (``BOOTSTRAP_DRAWS`` draws, seed 0). Missing values
+    (None, NaN) are left out; below two values the interval is None."""
+    v = np.array([x for x in values if _finite(x)], dtype=float)
+    out: dict[str, Any] = {"n": int(len(v)), "mean": float(v.mean()) if len(v) else None, "low": None, "high": None,
+                           "method": None}
+    if len(v) < 2:
+        return out
+    try:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+        out.update(low=out["mean"] - half, high=out["mean"] + half, method="t")
+    except ImportError:
+        means = np.random.default_rng(0).choice(v, size=(BOOTSTRAP_DRAWS, len(v))).mean(1)
+        low, high = np.quantile(means, [0.5 - confidence / 2, 0.5 + confidence / 2])
+        out.update(low=float(low), high=float(high), method="bootstrap")
+    return out
+
+
+def at_cost(run: list[dict[str, Any]], key: str, targets: list[float | None], value: str = "miou") -> list[float | None]:
+    """``value`` of ``run`` (its summary rows) at cumulative costs ``targets`` (``key``: labelled
+    share or regions): linear between its rounds and along its end segments for up to
+    ``EXTRAPOLATE`` of their length beyond them; None further out, or where no round has
+    the value."""
+    points = [(row[key], row[value]) for row in run if _finite(row.get(key)) and _finite(row.get(value))]
+    if not points:
+        return [None] * len(targets)
+    xs, ys = (np.array(c, dtype=float) for c in zip(*points))
+    out: list[float | None] = []
+    for t in targets:
+        if not _finite(t):
+            out.append(None)
+        elif xs[0] <= t <= xs[-1]:
+            out.append(float(np.interp(t, xs, ys)))
+        elif len(xs) > 1 and (t < xs[0] and xs[0] - t <= EXTRAPOLATE * (xs[1] - xs[0])
+                              or t > xs[-1] and t - xs[-1] <= EXTRAPOLATE * (xs[-1] - xs[-2])):
+            i = 0 if t < xs[0] else len(xs) - 2  # the end segment, extended
+            out.append(float(ys[i] + (ys[i + 1] - ys[i]) * (t - xs[i]) / (xs[i + 1] - xs[i])))
+        else:
+            out.append(None)
+    return out
+
+
+def equal_cost(curves: dict[str, list[list[dict[str, Any]]]], reference: str, cost: str = "pixels") -> dict[str, Any]:
+    """The paired equal-cost comparison (module docstring) under one cost model.
+
+    ``curves``: label -> runs (one list of round rows per seed, the seeds in one order for
+    every label); ``reference``: the label the others are compared to. Returns ``x`` (per
+    round, the mean over seeds of the reference's cost; shares for "pixels"),
+    ``x_per_seed`` and per label ``miou`` / ``difference`` (per round:
+    :func:`paired_interval` of the per-seed values, which are kept too).
+    """
+    key = COST_MODELS[cost]
+    if reference not in curves:
+        raise GpualError(f"no runs of the reference {reference!r} to compare with: add it to --strategies or give --reference")
+    x_seed = [[row.get(key) for row in run] for run in curves[reference]]
+    rounds = len(x_seed[0])
+    baseline = [at_cost(run, key, xs) for run, xs in zip(curves[reference], x_seed)]
+    out: dict[str, Any] = {"cost": cost, "key": key, "reference": reference,
+                           "x": [paired_interval([xs[r] for xs in x_seed])["mean"] for r in range(rounds)],
+                           "x_per_seed": x_seed, "strategies": {}}
+    for label, runs in curves.items():
+        if len(runs) != len(x_seed):
+            raise GpualError(f"{label} has {len(runs)} seeds and the reference {len(x_seed)}: pair them seed by seed")
+        values = [at_cost(run, key, xs) for run, xs in zip(runs, x_seed)]
+        diffs = [[None if not (_finite(v) and _finite(b)) else v - b for v, b in zip(vs, bs)]
+                 for vs, bs in zip(values, baseline)]
+        out["strategies"][label] = {
+            "miou": [paired_interval([vs[r] for vs in values]) for r in range(rounds)],
+            "difference": [paired_interval([ds[r] for ds in diffs]) for r in range(rounds)],
+            "miou_per_seed": values, "difference_per_seed": diffs,
+        }
+    return out
+
+
+def final_comparison(curves: dict[str, list[list[dict[str, Any]]]], reference: str, full: float) -> dict[str, Any] | None:
+    """At the last round with a final retraining: per label the ratio of the final mIoU to
+    full supervision (:func:`paired_interval` over seeds) and the paired difference of the
+    final mIoU to the reference's; None when no final retraining ran."""
+    rounds = [r for runs in curves.values() for run in runs for r, row in enumerate(run) if _finite(row.get("final_miou"))]
+    if not rounds or reference not in curves:
+        return None
+    r = max(rounds)
+    base = [run[r].get("final_miou") for run in curves[reference]]
+    out: dict[str, Any] = {"round": r, "reference": reference, "full_miou": full, "strategies": {}}
+    for label, runs in curves.items():
+        final = [run[r].get("final_miou") if r < len(run) else None for run in runs]
+        diffs = [f - b if _finite(f) and _finite(b) else None for f, b in zip(final, base)]
+        out["strategies"][label] = {
+            "labeled_share": paired_interval([run[r].get("labeled_share") for run in runs])["mean"],
+            "ratio_to_full": paired_interval([f / full if _finite(f) else None for f in final]),
+            "difference": paired_interval(diffs),
+            "final_per_seed": final, "difference_per_seed": diffs,
+        }
+    return out
+
+
+def _interval_text(stat: dict[str, Any], scale: float = 1.0, digits: int = 4) -> str:
+    if stat["low"] is None:
+        return "-"
+    return f"[{scale * stat['low']:+.{digits}f}, {scale * stat['high']:+.{digits}f}]"
+
+
+def _value_text(x: float | None, digits: int = 4, sign: bool = False) -> str:
+    return "-" if x is None else f"{x:{'+' if sign else ''}.{digits}f}"
+
+
+def markdown_equal_cost(comparison: dict[str, Any]) -> str:
+    """One row per (strategy, round): the common x, the mean mIoU there, and the paired
+    difference to the reference: its mean, interval and value in each seed."""
+    pixels = comparison["cost"] == "pixels"
+    reference = comparison["reference"]
+    unit = "labelled pixels" if pixels else "labelled regions (clicks)"
+    lines = [f"At equal {'labelled pixels' if pixels else 'clicks'} (x: {reference}'s cost at each round of each seed; "
+             f"{int(100 * CONFIDENCE)}% t intervals over seeds):", "",
+             f"| strategy | round | {unit} | mIoU | seeds | difference to {reference} | {int(100 * CONFIDENCE)}% interval "
+             "| per seed |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for label, row in comparison["strategies"].items():
+        for r, x in enumerate(comparison["x"]):
+            where = "-" if x is None else (f"{100 * x:.2f}%" if pixels else f"{x:.0f}")
+            miou, diff = row["miou"][r], row["difference"][r]
+            if label == reference:
+                lines.append(f"| {label} | {r} | {where} | {_value_text(miou['mean'])} | {miou['n']} | (reference) | - | - |")
+                continue
+            seeds = " / ".join(_value_text(d[r], sign=True) for d in row["difference_per_seed"])
+            lines.append(f"| {label} | {r} | {where} | {_value_text(miou['mean'])} | {miou['n']} | "
+                         f"{_value_text(diff['mean'], sign=True)} | {_interval_text(diff)} | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_final(final: dict[str, Any]) -> str:
+    """The final retraining at its last round: ratio to full supervision and the paired difference."""
+    reference = final["reference"]
+    lines = [f"Final retraining on round {final['round']}'s labels against full supervision ({final['full_miou']:.4f}):", "",
+             f"| strategy | labelled pixels | of full, mean | {int(100 * CONFIDENCE)}% interval | per seed | seeds | "
+             f"final mIoU minus {reference} | {int(100 * CONFIDENCE)}% interval | per seed |",
+             "|---|---:|---:|---|---|---:|---:|---|---|"]
+    full = final["full_miou"]
+    for label, row in final["strategies"].items():
+        ratio, diff = row["ratio_to_full"], row["difference"]
+        share = "-" if row["labeled_share"] is None else f"{100 * row['labeled_share']:.2f}%"
+        mean = "-" if ratio["mean"] is None else f"{100 * ratio['mean']:.1f}%"
+        band = "-" if ratio["low"] is None else f"[{100 * ratio['low']:.1f}%, {100 * ratio['high']:.1f}%]"
+        ratios = " / ".join("-" if not _finite(f) else f"{100 * f / full:.1f}%" for f in row["final_per_seed"])
+        if label == reference:
+            gaps = "(reference) | - | -"
+        else:
+            seeds = " / ".join(_value_text(d, sign=True) for d in row["difference_per_seed"])
+            gaps = f"{_value_text(diff['mean'], sign=True)} | {_interval_text(diff)} | {seeds}"
+        lines.append(f"| {label} | {share} | {mean} | {band} | {ratios} | {ratio['n']} | {gaps} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(comparison: dict[str, Any], full: float, path: Path, final: dict[str, Any] | None = None) -> Any:
+    """Two panels against labelled pixels (``comparison``: :func:`equal_cost` under "pixels"):
+    each strategy's mean mIoU over seeds with its 95% interval (and the final retrainings,
+    if any), and the paired difference to the reference with its interval and the zero line.
+    Writes ``path``; returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for strategy, runs in curves.items():
-        share = np.array([[row["labeled_share"] for row in run] for run in runs], dtype=float) * 100
-        miou = np.array([[row["miou"] for row in run] for run in runs], dtype=float)
-        line, = ax.plot(share.mean(0), miou.mean(0), marker="o", label=f"{strategy} (round models)")
-        ax.fill_between(share.mean(0), miou.min(0), miou.max(0), alpha=0.2)
-        final = [(share.mean(0)[r], np.mean(v), min(v), max(v)) for r in range(share.shape[1]) if (v := _finals(runs, r))]
-        if final:
-            x, y, lo, hi = (np.array(c) for c in zip(*final))
-            ax.errorbar(x, y, yerr=[y - lo, hi - y], color=line.get_color(), marker="s", mfc="none", linestyle="--",
-                        capsize=3, label=f"{strategy} (final retraining)")
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(13, 5))
+    x = np.array([np.nan if v is None else 100 * v for v in comparison["x"]], dtype=float)
+
+    def band(stats: list[dict[str, Any]], key: str) -> np.ndarray:
+        return np.array([np.nan if s[key] is None else s[key] for s in stats], dtype=float)
+
+    reference = comparison["reference"]
+    for label, row in comparison["strategies"].items():
+        line, = ax.plot(x, band(row["miou"], "mean"), marker="o", label=f"{label} (round models)")
+        ax.fill_between(x, band(row["miou"], "low"), band(row["miou"], "high"), color=line.get_color(), alpha=0.2)
+        if final is not None and label in final["strategies"]:
+            f = final["strategies"][label]
+            ratio = f["ratio_to_full"]
+            if ratio["mean"] is not None and f["labeled_share"] is not None:
+                y = ratio["mean"] * full
+                err = [[0.0], [0.0]] if ratio["low"] is None else [[y - ratio["low"] * full], [ratio["high"] * full - y]]
+                ax.errorbar([100 * f["labeled_share"]], [y], yerr=err, color=line.get_color(), marker="s", mfc="none",
+                            capsize=3, label=f"{label} (final retraining, round {final['round']})")
+        if label != reference:
+            diff = row["difference"]
+            gap.plot(x, band(diff, "mean"), marker="o", color=line.get_color(), label=label)
+            gap.fill_between(x, band(diff, "low"), band(diff, "high"), color=line.get_color(), alpha=0.2)
     ax.axhline(full, color="k", linestyle="--", label=f"full supervision ({full:.3f})")
     ax.axhline(0.95 * full, color="gray", linestyle=":", label="95% of full")
     ax.set_xlabel("labelled pixels (% of pool)")
     ax.set_ylabel("mIoU")
-    ax.legend(fontsize=8)
+    ax.set_title(f"mean over seeds, {int(100 * CONFIDENCE)}% interval")
+    ax.legend(fontsize=7)
+    short = reference.split(" (", 1)[0]  # the strategy, without its settings
+    gap.axhline(0.0, color="k", linewidth=1)
+    gap.set_xlabel(f"labelled pixels (% of pool; {short}'s, per seed)")
+    gap.set_ylabel(f"mIoU minus {short}'s, paired by seed")
+    gap.set_title(f"paired difference, {int(100 * CONFIDENCE)}% t interval")
+    if len(comparison["strategies"]) > 1:
+        gap.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
 
 
 def markdown(curves: dict[str, list[list[dict[str, Any]]]], full: float, full_epochs: int) -> str:
@@ -248,6 +492,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=int, help="regions per round after round 0 (default: the preset's)")
+    parser.add_argument("--budget-pixels", metavar="SHARE",
+                        help="equal cost: SHARE of the pool's pixels per round after round 0 for every strategy "
+                             "(e.g. 1%% or 0.01; acquisition.budget_unit = \"pixels\"); not with --budget")
+    parser.add_argument("--reference", default="random",
+                        help="the strategy the others are compared to, seed by seed (default: random)")
     parser.add_argument("--init-budget", type=int, help="round-0 regions (default: the preset's)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--final", default="", metavar="ROUNDS",
@@ -269,6 +518,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     start = time.perf_counter()
     finals = final_rounds(args.final, args.rounds)  # bad input is refused before anything is written
+    if args.budget and args.budget_pixels:
+        parser.error("give --budget (regions) or --budget-pixels (a share of the pixels), not both")
+    share = parse_budget_pixels(args.budget_pixels) if args.budget_pixels else None
+    strategies = args.strategies.split(",")
+    reference_strategy = args.reference if args.reference in strategies else strategies[0]
+    if reference_strategy != args.reference:
+        print(f"note: --reference {args.reference} is not among --strategies: the runs are compared to "
+              f"{reference_strategy}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
         from gpual.synthetic import make_scenes
@@ -283,25 +540,33 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         acquisition["budget"] = args.budget
     if args.init_budget:
         acquisition["init_budget"] = args.init_budget
+    if share is not None:
+        acquisition.update(budget_unit="pixels", budget_pixels=share)
     settings = parse_settings(args.settings)
     common = merge_tables(settings, {"data": {"root": str(data), "dataset": kind}, "acquisition": acquisition})
     backend = get_backend(args.device)
 
-    from gpual.superpixels import build_cache
+    from gpual.superpixels import build_cache, read_index
 
     reference = {k: v for k, v in common.items() if k not in RUN_ONLY_SECTIONS}
     base = open_or_create(args.out / "base", make_config(args.preset, reference), skip=RUN_ONLY_SECTIONS)
     build_cache(base)
     full = full_reference(base, backend.device, args.split)
+    pool_pixels = int(read_index(base)["pixels"].sum())
 
     curves: dict[str, list[list[dict[str, Any]]]] = {}
-    for strategy in args.strategies.split(","):
+    labels: dict[str, str] = {}  # strategy -> its curve's label
+    honoured: dict[str, bool] = {}  # workspace -> whether its rounds stayed within the pixel budget
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for strategy in strategies:
         # Settings this strategy never reads neither name its runs nor keep them from
         # continuing a workspace made without them (random under region_score = mean).
         unread = settings_unread(strategy)
         variant = ",".join(s for s in args.settings if not _skipped(s.split("=", 1)[0].strip(), unread))
-        label = f"{strategy} ({variant})" if variant else strategy
-        for seed in (int(s) for s in args.seeds.split(",")):
+        if share is not None:
+            variant = ",".join(v for v in (f"pixels={args.budget_pixels.strip()}", variant) if v)
+        label = labels[strategy] = f"{strategy} ({variant})" if variant else strategy
+        for seed in seeds:
             # A seed moves every random draw: round 0, training, UMAP and KMeans.
             config = make_config(args.preset, merge_tables(common, {
                 "acquisition": {"strategy": strategy, "seed": seed}, "train": {"seed": seed},
@@ -312,7 +577,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             if source is not None:
                 print(f"{name}: round 0 copied from {source.root.name}", flush=True)
             t0 = time.perf_counter()
-            rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split, final=finals))
+            # With a pixel budget the loop passes the share too: a gpual whose selection does not
+            # read acquisition.budget_unit still converts it to regions of the mean size.
+            rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split, final=finals,
+                                                     budget_pixels=args.budget_pixels if share is not None else None))
+            if share is not None:
+                honoured[name] = within_budget(rows, share, pool_pixels)
+                if not honoured[name]:
+                    print(f"warning: {name} labelled more than {100 * share:g}% of the pixels in a round: this gpual's "
+                          "selection does not cut at acquisition.budget_pixels; the comparison interpolates each "
+                          "curve at the reference's x", flush=True)
             print(f"{label} seed {seed}: " + ", ".join(
                 f"{100 * r['labeled_share']:.2f}% -> {r['miou']:.4f}"
                 + (f" (final {r['final_miou']:.4f})" if r["final_miou"] is not None else "") for r in rows)
@@ -320,7 +594,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             curves.setdefault(label, []).append(rows)
 
     full_epochs = int(base.read_full_metrics()["training"]["epochs"])
-    table = markdown(curves, full, full_epochs)
+    reference = labels[reference_strategy]
+    compared = {cost: equal_cost(curves, reference, cost) for cost in COST_MODELS}
+    final = final_comparison(curves, reference, full)
+    table = "\n".join([markdown(curves, full, full_epochs), markdown_equal_cost(compared["pixels"]),
+                       markdown_equal_cost(compared["clicks"])] + ([markdown_final(final)] if final else []))
     print(table)
     payload = {
         "machine": machine_info(),
@@ -334,7 +612,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         "full_supervision_miou": full,
         "full_supervision_epochs": full_epochs,
         "final_rounds": list(finals),
+        "seeds": seeds,
+        "budget_pixels": share,
+        "pixel_budget_honoured": honoured if share is not None else None,
         "curves": curves,
+        # Paired by seed against the reference, at equal labelled pixels and at equal clicks.
+        "equal_cost": compared,
+        "final_comparison": final,
         "ratio_to_full": {s: [[row["miou"] / full for row in run] for run in runs] for s, runs in curves.items()},
         # The headline ratio (same network and schedule as the reference), where run.
         "final_ratio_to_full": {s: [[None if row["final_miou"] is None else row["final_miou"] / full for row in run]
@@ -343,7 +627,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     }
     path = write_result("al_curve", payload)
     path.with_suffix(".md").write_text(table)
-    plot(curves, full, path.with_suffix(".png"))
+    plot(compared["pixels"], full, path.with_suffix(".png"), final)
     print(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
 
 

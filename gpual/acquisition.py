@@ -30,7 +30,7 @@ from gpual.datasets import read_image
 from gpual.errors import GpualError
 from gpual.loading import StageClock, Waited, host_batches
 from gpual.seeding import MC_DROPOUT, SELECT, derive_seed
-from gpual.strategies import STRATEGY_NAMES, select_regions
+from gpual.strategies import STRATEGY_NAMES, labeled_class_pixels, pixel_budget, select_regions
 from gpual.superpixels import check_images_unchanged, load_superpixels, read_index, read_region_pixels
 from gpual.workspace import QUERY_COLUMNS, Workspace
 
@@ -133,6 +133,11 @@ def acquire(
 
     candidate_mask = np.ones(n_regions, dtype=bool)
     candidate_mask[labeled_ids] = False
+    acq = ws.config.acquisition
+    cap = None  # the round's budget in pixels (acquisition.budget_unit = "pixels"), else None
+    if round > 0 and budget is None and acq.budget_unit == "pixels":
+        budget_pixels = budget_pixels or str(acq.budget_pixels)
+        cap = pixel_budget(parse_budget_pixels(budget_pixels), int(index["pixels"].sum()))
     budget = resolve_budget(ws, round, budget, budget_pixels, region_pixels[candidate_mask])
 
     timings: dict[str, float] = {}
@@ -146,6 +151,9 @@ def acquire(
             pool = cluster.pool_with_teacher if cluster is not None else _pool_with_teacher
             stats, bank_vectors, timings = pool(ws, round, backend, index, n_regions, strategy, progress)
             labeled_embedding = stats.embedding[torch.from_numpy(labeled_ids).to(device)] if strategy == "coreset" else None
+        class_pixels = None  # labelled pixels per class, for acquisition.class_balance
+        if acq.class_balance > 0 and stats.class_votes is not None:
+            class_pixels = labeled_class_pixels(labeled, stats.class_votes.shape[1], device)
 
         selection = select_regions(
             strategy,
@@ -160,6 +168,10 @@ def acquire(
             seed=derive_seed(ws.config.acquisition.seed, SELECT, round),
             labeled_embedding=labeled_embedding,
             dask=cluster,
+            budget_pixels=cap,
+            clusters_per_budget=acq.clusters_per_budget,
+            class_balance=acq.class_balance,
+            class_pixels=class_pixels,
         )
     timings.update(selection.timings)
 
@@ -180,6 +192,7 @@ def acquire(
         acquisition={
             "strategy": strategy,
             "budget_regions": budget,
+            **({"budget_pixels": cap, "selected_regions": int(len(host))} if cap is not None else {}),
             "candidates": int(candidate_mask.sum()),
             "selected_pixels": int(host["pixels"].sum()),
             "backend": backend.name,

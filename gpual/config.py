@@ -33,7 +33,15 @@ STRATEGIES = (
     "random",
 )
 ORACLES = ("pixel", "dominant")
-REGION_SCORES = ("sum", "mean")
+# How a region's pixel entropies become its score (acquisition.region_score): "sum" = H(S)
+# (the paper's Eq. 6; grows with the region's size, so it buys large regions), "mean" =
+# H(S) / pixels (entropy per labelled pixel), "sqrt" = H(S) / sqrt(pixels): between the
+# two, entropy per unit of a region's outline (a region's boundary, which an annotator
+# traces, grows as the square root of its area).
+REGION_SCORES = ("sum", "mean", "sqrt")
+# acquisition.budget_unit: "regions" = acquisition.budget regions a round; "pixels" = regions
+# in rank order until acquisition.budget_pixels of the pool's pixels are labelled.
+BUDGET_UNITS = ("regions", "pixels")
 # "default": the library's own initialisation (cuML: scalable k-means++, i.e. k-means||;
 # scikit-learn: greedy k-means++); "random" draws k points, the cheapest for large k.
 KMEANS_INITS = ("default", "k-means++", "random")
@@ -121,12 +129,27 @@ class ContrastiveConfig:
 
 @dataclass
 class AcquisitionConfig:
-    """One acquisition round: budgets in superpixels, strategy, oracle."""
+    """One acquisition round: budgets (in superpixels, or in pixels), strategy, oracle."""
 
     strategy: str = "umap-kmeans-entropy"
     init_budget: int = 1600
     budget: int = 1600
-    region_score: str = "sum"
+    region_score: str = "sum"  # one of REGION_SCORES
+    # "regions": `budget` regions per round after round 0. "pixels": each round labels
+    # `budget_pixels` of the pool's pixels (a share; regions taken in rank order until the
+    # next one would pass it), whatever the regions' sizes, for every strategy; `budget` is
+    # then not read (KMeans' k is the share converted to regions with the candidates' mean
+    # size). Round 0 stays `init_budget` regions.
+    budget_unit: str = "regions"  # one of BUDGET_UNITS
+    budget_pixels: float = 0.01
+    # Class-balanced weighting (after Cai et al., CVPR 2021): a region's score times
+    # exp(-class_balance * f_c), f_c the share of the labelled pixels whose class is the
+    # region's dominant predicted class c. 0 = off; 1 = their exp(-p) weight.
+    class_balance: float = 0.0
+    # Clustering strategies: KMeans into ceil(clusters_per_budget x budget) clusters, and
+    # the ranking takes each cluster's best region, then each one's second best, and so on
+    # (1.0 = one region per cluster, the method). In (0, 1].
+    clusters_per_budget: float = 1.0
     oracle: str = "pixel"
     batch_size: int = 8
     mc_passes: int = 10
@@ -190,6 +213,16 @@ class Config:
         _choice("acquisition.strategy", self.acquisition.strategy, STRATEGIES)
         _choice("acquisition.oracle", self.acquisition.oracle, ORACLES)
         _choice("acquisition.region_score", self.acquisition.region_score, REGION_SCORES)
+        _choice("acquisition.budget_unit", self.acquisition.budget_unit, BUDGET_UNITS)
+        if not 0.0 < self.acquisition.budget_pixels <= 1.0:
+            raise GpualError(f"config acquisition.budget_pixels = {self.acquisition.budget_pixels} is a share of the pool's "
+                             "pixels: it must lie in (0, 1] (0.01 = 1%); fix it in gpual.toml", 2)
+        if self.acquisition.class_balance < 0.0:
+            raise GpualError(f"config acquisition.class_balance = {self.acquisition.class_balance} must not be negative "
+                             "(0 = off): fix it in gpual.toml", 2)
+        if not 0.0 < self.acquisition.clusters_per_budget <= 1.0:
+            raise GpualError(f"config acquisition.clusters_per_budget = {self.acquisition.clusters_per_budget} must lie in "
+                             "(0, 1] (1 = one region per cluster): fix it in gpual.toml", 2)
         _choice("kmeans.init", self.kmeans.init, KMEANS_INITS)
         _choice("umap.init", self.umap.init, UMAP_INITS)
         positives = {
@@ -205,7 +238,7 @@ class Config:
         }
         for key, value in positives.items():
             if value <= 0:
-                raise GpualError(f"config {key} = {value} must be positive: fix it in gpual.toml")
+                raise GpualError(f"config {key} = {value} must be positive: fix it in gpual.toml", 2)
         at_least = {
             "umap.n_neighbors": (self.umap.n_neighbors, 2),
             "kmeans.max_iter": (self.kmeans.max_iter, 1),
@@ -215,16 +248,16 @@ class Config:
         }
         for key, (value, low) in at_least.items():
             if value < low:
-                raise GpualError(f"config {key} = {value} must be at least {low}: fix it in gpual.toml")
+                raise GpualError(f"config {key} = {value} must be at least {low}: fix it in gpual.toml", 2)
         if isinstance(self.kmeans.levels, bool) or self.kmeans.levels not in KMEANS_LEVELS:
             raise GpualError(f"config kmeans.levels = {self.kmeans.levels!r} is not 1, 2 or \"auto\": fix it in gpual.toml", 2)
         workers = self.train.num_workers
         if isinstance(workers, bool) or (workers != "auto" and not (isinstance(workers, int) and workers >= 0)):
             raise GpualError(f"config train.num_workers = {workers!r} is not a count >= 0 or \"auto\": fix it in gpual.toml", 2)
         if self.kmeans.tol < 0:
-            raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml")
+            raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml", 2)
         if not 0.0 <= self.train.ema_decay <= 1.0:
-            raise GpualError("config train.ema_decay must lie in [0, 1]: fix it in gpual.toml")
+            raise GpualError("config train.ema_decay must lie in [0, 1]: fix it in gpual.toml", 2)
         return self
 
 
@@ -331,7 +364,7 @@ def load_config(path: Path) -> Config:
     try:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise GpualError(f"{path} is not valid TOML ({exc}): fix or re-create it with `gpual init --force`") from None
+        raise GpualError(f"{path} is not valid TOML ({exc}): fix that line of the file", 2) from None
     return _build(Config, merge_tables(Config().to_dict(), values), "").validate()
 
 

@@ -73,7 +73,7 @@ DEFAULT_PARTITION_REGIONS = 100_000
 # Seconds to wait for a scheduler (and its first worker) before giving up.
 CONNECT_TIMEOUT_S = 10.0
 
-_STAT_FIELDS = ("embedding", "entropy_sum", "entropy_mean", "margin_mean", "maxprob_mean", "bald", "pixels")
+_STAT_FIELDS = ("embedding", "entropy_sum", "entropy_mean", "margin_mean", "maxprob_mean", "bald", "pixels", "class_votes")
 
 
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:

@@ -45,6 +45,9 @@ class RegionStats:
         bald: (R,) float32 summed BALD mutual information in bits, or None when no
             Monte-Carlo dropout passes were given.
         pixels: (R,) int64 pixel count.
+        class_votes: (R, C) float32, per region the number of its pixels whose most probable
+            class is c (whole numbers, exact below 2**24 pixels a region), or None where
+            not pooled (the random strategy's statistics; older callers).
     """
 
     embedding: Tensor
@@ -54,10 +57,18 @@ class RegionStats:
     maxprob_mean: Tensor
     bald: Tensor | None
     pixels: Tensor
+    class_votes: Tensor | None = None
 
     @property
     def n_regions(self) -> int:
         return self.pixels.shape[0]
+
+    @property
+    def predicted_class(self) -> Tensor | None:
+        """(R,) int64, each region's dominant predicted class: the class most of its pixels
+        are predicted as (ties: the lowest class; a region with no pixel reads class 0), the
+        prediction's twin of ``acquisition.oracle = "dominant"``; None without ``class_votes``."""
+        return None if self.class_votes is None else self.class_votes.argmax(dim=1)
 
 
 def pixel_entropy(probs: Tensor, dim: int = 1) -> Tensor:
@@ -117,17 +128,25 @@ def top_two(probs: Tensor) -> tuple[Tensor, Tensor]:
     faster than ``topk`` over the short, strided class dimension. Ties behave as ``topk``:
     only one entry is masked, so two equal maxima give a second value equal to the first.
     """
+    first, second, _ = _top_two_and_class(probs)
+    return first, second
+
+
+def _top_two_and_class(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`top_two` and the argmax it computes on the way: (B, H, W) int64 most probable
+    class of every pixel (ties: the first maximum torch's ``max`` reports)."""
     first, arg = probs.max(dim=1, keepdim=True)
     # scatter, not torch.where(classes == arg, -inf, probs): with the select, pooling 16
     # CamVid frames took 1.98 ms on an H200 (its compare and select 0.18 ms of it), with
     # scatter 1.83 ms (another H200, earlier the same day); CPU twin: 51 vs 36 ms per 8 frames.
     second = probs.scatter(1, arg, float("-inf")).amax(dim=1)
-    return first.squeeze(1), second
+    return first.squeeze(1), second, arg.squeeze(1)
 
 
 def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: Tensor, weight: Tensor, span: Tensor,
                 slots: int, sink: int, entropy: Tensor, maxprob: Tensor, margin: Tensor, pixels: Tensor,
-                embedding: Tensor, bald: Tensor | None = None, mc_probs: Tensor | None = None) -> None:
+                embedding: Tensor, bald: Tensor | None = None, mc_probs: Tensor | None = None,
+                votes: Tensor | None = None) -> None:
     """Add one batch's per-region sums to the pooler's buffers, in place (all on one device).
 
     Args:
@@ -140,6 +159,8 @@ def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: T
         embedding: (sink + 1, D) float32.
         bald: (sink + 1,) float32 and mc_probs: (T, B, C, H, W) float32 Monte-Carlo dropout
             probabilities, both or neither.
+        votes: (sink + 1, C) float32 per-region counts of each pixel's most probable class,
+            or None.
 
     Pure tensor code with no host sync and no data-dependent shape, so
     ``RegionPooler(compile=True)`` can hand it to ``torch.compile`` whole.
@@ -147,10 +168,15 @@ def _fold_batch(probs: Tensor, projection: Tensor, region_ids: Tensor, corner: T
     # Padding pixels go to the sink row: no masking, no boolean indexing, no sync.
     index = torch.where(region_ids >= 0, region_ids, sink).reshape(-1)
     entropy.index_add_(0, index, pixel_entropy(probs, dim=1).reshape(-1))
-    first, second = top_two(probs)
+    first, second, arg = _top_two_and_class(probs)
     maxprob.index_add_(0, index, first.reshape(-1))
     margin.index_add_(0, index, (first - second).reshape(-1))
     pixels.index_add_(0, index, torch.ones_like(index))
+    if votes is not None:
+        # One flat scatter of B*H*W ones at (region, class): as cheap as the pixel count,
+        # and no (B*H*W, C) copy of the probabilities.
+        classes = votes.shape[1]
+        votes.view(-1).index_add_(0, index * classes + arg.reshape(-1), torch.ones_like(first).reshape(-1))
     if bald is not None and mc_probs is not None:
         bald.index_add_(0, index, bald_information(mc_probs).reshape(-1))
 
@@ -179,16 +205,16 @@ Spans = Sequence[tuple[int, int]]
 class RegionPooler:
     """Accumulates per-region statistics over batches with torch scatter ops.
 
-    Scalar statistics (entropy, margin, max probability, BALD, pixel count) are summed per
-    pixel with ``index_add_``. Embeddings never exist per pixel: a pixel's embedding is the
-    bilinear upsampling (align_corners=False) of the projection head's (D, h, w) map,
-    L2-normalised, i.e. ``sum_k w_k p_k / ||sum_k w_k p_k||`` over its four source cells
+    Scalar statistics (entropy, margin, max probability, BALD, pixel count) and the votes
+    of each pixel's most probable class are summed per pixel with ``index_add_``.
+    Embeddings never exist per pixel: a pixel's embedding is the bilinear upsampling
+    (align_corners=False) of the projection head's (D, h, w) map, L2-normalised, i.e. ``sum_k w_k p_k / ||sum_k w_k p_k||`` over its four source cells
     p_k, a linear combination of cells. So each image's region sums are ``A @ P``: ``A``
     (regions x cells) gathers every pixel's four weights divided by its norm (scattered
     with ``index_add_``), and the norms come from dot products between neighbouring cells
     (the 2x2 Gram of each pixel's cells), never from the (D, H, W) map.
 
-    Memory: (R + 1, D + 3) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
+    Memory: (R + 1, D + 3 + C) float32 (+ (R + 1,) for BALD) and (R + 1,) int64 on ``device``,
     whatever the pool's pixel count (row R collects padding), plus per batch a transient
     (B, r + 1, h * w) ``A`` (r = the most regions of an image in the batch: 75 MB for 16
     CamVid frames at 360x480, stride 8). Float sums on CUDA use atomics, so the last bits
@@ -218,6 +244,7 @@ class RegionPooler:
         self._maxprob = torch.zeros(slots, **f32)
         self._pixels = torch.zeros(slots, dtype=torch.int64, device=self.device)
         self._bald: Tensor | None = None
+        self._votes: Tensor | None = None  # (R + 1, C), allocated by the first batch (C known then)
         self._batches = 0
         self._geometry: dict[tuple[int, int, int, int], tuple[Tensor, Tensor]] = {}
         # torch.compile fuses the batch's dozen kernels into a few. Measured: 1.9x on the CPU
@@ -254,9 +281,11 @@ class RegionPooler:
         span = torch.tensor(spans, dtype=torch.int64).to(self.device, non_blocking=True)  # (B, 2)
         if mc_probs is not None and self._bald is None:
             self._bald = torch.zeros(self.n_regions + 1, dtype=torch.float32, device=self.device)
+        if self._votes is None:
+            self._votes = torch.zeros(self.n_regions + 1, probs.shape[1], dtype=torch.float32, device=self.device)
         self._fold(probs.float(), projection.float(), region_ids, corner, weight, span, slots, self.n_regions,
                    self._entropy, self._maxprob, self._margin, self._pixels, self._embedding,
-                   self._bald, None if mc_probs is None else mc_probs.float())
+                   self._bald, None if mc_probs is None else mc_probs.float(), self._votes)
         self._batches += 1
 
     def _bilinear(self, h: int, w: int, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -299,6 +328,8 @@ class RegionPooler:
                 )
             if mc_probs.device != self.device:
                 raise GpualError(f"pooling: MC-dropout probabilities are on {mc_probs.device}, the pooler on {self.device}")
+        if self._votes is not None and probs.shape[1] != self._votes.shape[1]:
+            raise GpualError(f"pooling: this batch has {probs.shape[1]} classes, the earlier ones {self._votes.shape[1]}")
         if self._batches and (mc_probs is None) != (self._bald is None):
             raise GpualError("pooling: MC-dropout probabilities must be given for every batch or for none (BALD)")
         for start, count in spans:
@@ -333,6 +364,7 @@ class RegionPooler:
             maxprob_mean=torch.where(empty, one, self._maxprob[:r] / denom),
             bald=None if self._bald is None else self._bald[:r].clone(),
             pixels=pixels.clone(),
+            class_votes=None if self._votes is None else self._votes[:r].clone(),
         )
 
     def buffers(self) -> dict[str, Tensor]:
@@ -346,4 +378,6 @@ class RegionPooler:
         }
         if self._bald is not None:
             out["bald"] = self._bald
+        if self._votes is not None:
+            out["class_votes"] = self._votes
         return out

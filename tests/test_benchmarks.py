@@ -113,8 +113,9 @@ def test_settings_a_strategy_never_reads_do_not_separate_its_runs(tmp_path: Path
     al_curve = _load("al_curve")
     assert settings_unread("umap-kmeans-entropy") == ()
     assert settings_unread("kmeans-entropy") == ("umap",)
-    assert settings_unread("entropy") == ("umap", "kmeans")
-    assert settings_unread("random") == ("umap", "kmeans", "acquisition.region_score")
+    assert settings_unread("entropy") == ("umap", "kmeans", "acquisition.clusters_per_budget")
+    assert settings_unread("random") == ("umap", "kmeans", "acquisition.region_score", "acquisition.class_balance",
+                                         "acquisition.clusters_per_budget")
     ws = al_curve.open_or_create(tmp_path / "ws", make_config("demo", {"acquisition": {"strategy": "random"}}))
     mean = make_config("demo", {"acquisition": {"strategy": "random", "region_score": "mean"}, "umap": {"init": "spectral"}})
     assert al_curve.open_or_create(tmp_path / "ws", mean, skip=settings_unread("random")).root == ws.root

@@ -46,10 +46,12 @@ def _naive(batches: list[tuple[torch.Tensor, ...]], n_regions: int, d: int) -> d
 
     out = {k: np.zeros(n_regions) for k in ("entropy_sum", "entropy_mean", "margin_mean", "maxprob_mean", "bald", "pixels")}
     out["embedding"] = np.zeros((n_regions, d))
+    out["class_votes"] = np.zeros((n_regions, p.shape[1]))
     for r in range(n_regions):
         sel = rid == r
         n = int(sel.sum())
         out["pixels"][r] = n
+        out["class_votes"][r] = np.bincount(p[sel].argmax(1), minlength=p.shape[1])
         if n == 0:
             out["margin_mean"][r] = out["maxprob_mean"][r] = 1.0
             continue
@@ -104,6 +106,9 @@ def test_pooler_matches_naive_loop_over_batches_with_global_offsets(projection_s
         np.testing.assert_allclose(tensor.numpy(), want[key], rtol=1e-5, atol=1e-5, err_msg=key)
     assert got.embedding.shape == (n_regions, d) and got.embedding.dtype == torch.float32 and got.embedding.is_contiguous()
     np.testing.assert_allclose(got.embedding.numpy(), want["embedding"], rtol=1e-5, atol=1e-5)
+    assert got.class_votes.shape == (n_regions, c) and got.class_votes.dtype == torch.float32
+    np.testing.assert_array_equal(got.class_votes.numpy(), want["class_votes"])  # whole numbers: exact
+    np.testing.assert_array_equal(got.predicted_class.numpy(), want["class_votes"].argmax(1))
     # Padding: 2 rows of the last image of each batch carry -1 and count nowhere.
     assert int(got.pixels.sum()) == 5 * h * w - 3 * 2 * w
 
@@ -170,8 +175,9 @@ def test_buffers_grow_with_regions_not_pixels() -> None:
         probs, emb, ids, mc = _batch(g, [n_regions], [0], 3, d, side, side, mc=2)
         pooler.add(probs, emb, ids, [(0, n_regions)], mc_probs=mc)
         sizes = {k: (tuple(v.shape), v.untyped_storage().nbytes()) for k, v in pooler.buffers().items()}
-        # One slot per region plus the padding sink; the embedding has D of them.
-        assert all(math.prod(shape) == (n_regions + 1) * (d if k == "embedding" else 1) for k, (shape, _) in sizes.items())
+        # One slot per region plus the padding sink; the embedding has D of them, the class votes C = 3.
+        width = {"embedding": d, "class_votes": 3}
+        assert all(math.prod(shape) == (n_regions + 1) * width.get(k, 1) for k, (shape, _) in sizes.items())
         assert sizes_before is None or sizes == sizes_before
         sizes_before = sizes
     stats = pooler.result()
@@ -232,6 +238,21 @@ def test_pooled_embedding_of_a_model_equals_pooling_its_full_resolution_embeddin
     reference.add(probs, full["embedding"], ids, [(0, 63), (63, 63)])
     assert maps["projection"].shape[-2:] == (6, 8)
     torch.testing.assert_close(direct.result().embedding, reference.result().embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_class_votes_count_each_pixels_most_probable_class() -> None:
+    """Region 0: pixels predicting 1, 1, 0 -> votes (1, 2, 0), class 1; region 1: a 0.4/0.4/0.2
+    tie -> the first class, 0; region 2: no pixel -> zero votes, class 0; padding counts nowhere."""
+    probs = torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.4, 0.4, 0.2], [0.0, 0.0, 1.0]])
+    ids = torch.tensor([[[0, 0, 0, 1, -1]]])
+    pooler = RegionPooler(3, 1, "cpu")
+    pooler.add(probs.T.reshape(1, 3, 1, 5), torch.ones(1, 1, 1, 5), ids, [(0, 3)])
+    stats = pooler.result()
+    torch.testing.assert_close(stats.class_votes, torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert stats.predicted_class.tolist() == [1, 0, 0]
+    assert pooler.buffers()["class_votes"][3].tolist() == [0.0, 0.0, 1.0]  # the sink row took the padding pixel
+    with pytest.raises(GpualError, match="this batch has 2 classes, the earlier ones 3"):
+        pooler.add(torch.full((1, 2, 1, 5), 0.5), torch.ones(1, 1, 1, 5), ids, [(0, 3)])
 
 
 def test_top_two_equals_topk_ties_included() -> None:

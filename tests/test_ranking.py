@@ -101,3 +101,57 @@ def test_stable_argsort_descending_keeps_index_order() -> None:
     x = np.array([2, 1, 2, 1, 2], dtype=np.int64)
     assert stable_argsort(x).tolist() == [1, 3, 0, 2, 4]
     assert stable_argsort(x, descending=True).tolist() == [0, 2, 4, 1, 3]
+
+
+def test_rank_in_cluster_and_priority_in_turns() -> None:
+    from gpual.ranking import cluster_priority, rank_in_cluster
+
+    scores = np.array([0.2, 0.9, 0.9, 0.1, 0.5, 0.5, 0.3], dtype=np.float32)
+    clusters = np.array([0, 0, 0, 3, 3, 1, 0])
+    # cluster 0: 1, 2 (tie: lower index first), 6, 0; cluster 3: 4, 3; cluster 1: 5.
+    assert rank_in_cluster(scores, clusters).tolist() == [3, 0, 1, 1, 0, 0, 2]
+    # depth 1: winners 1, 4, 5 by score (4 before 5: tie), then the rest by score: 2, 6, 0, 3.
+    assert cluster_priority(scores, clusters).tolist() == [1, 4, 5, 2, 6, 0, 3]
+    # depth 2: the winners, then the second bests 2, 3 (cluster 1 has none), then 6, 0.
+    assert cluster_priority(scores, clusters, depth=2).tolist() == [1, 4, 5, 2, 3, 6, 0]
+    assert cluster_priority(scores, clusters, depth=9).tolist() == [1, 4, 5, 2, 3, 6, 0]
+    # select_per_cluster takes the first `budget` of that order, best score first.
+    assert select_per_cluster(scores, clusters, 4, 5, depth=2).tolist() == [1, 2, 4, 5, 3]
+    assert select_per_cluster(scores, clusters, 4, 5).tolist() == [1, 2, 4, 5, 6]
+    with pytest.raises(GpualError, match="depth = 0"):
+        cluster_priority(scores, clusters, depth=0)
+
+
+def test_within_pixels_takes_the_ranked_prefix_that_fits() -> None:
+    from gpual.ranking import most_within_pixels, within_pixels
+
+    pixels = np.array([100, 400, 50, 200, 300], dtype=np.int64)
+    order = np.array([1, 3, 0, 2, 4], dtype=np.int64)  # 400, 600, 700, 750, 1050 pixels
+    assert within_pixels(order, pixels, 700).tolist() == [1, 3, 0]  # exactly the budget
+    assert within_pixels(order, pixels, 749).tolist() == [1, 3, 0]  # region 2 would pass it: stop, never skip
+    assert within_pixels(order, pixels, 10_000).tolist() == [1, 3, 0, 2, 4]
+    assert within_pixels(order, pixels, 399).tolist() == [1]  # the first region always
+    assert within_pixels(order[:0], pixels, 5).tolist() == []
+    assert most_within_pixels(pixels, 360) == 3  # 50 + 100 + 200
+    assert most_within_pixels(pixels, 10) == 1 and most_within_pixels(pixels, 10_000) == 5
+    with pytest.raises(GpualError, match="must be positive"):
+        within_pixels(order, pixels, 0)
+
+
+def test_class_balance_weights_are_exp_of_minus_the_labelled_share() -> None:
+    from gpual.ranking import class_balance_weights, class_balanced
+
+    predicted = np.array([0, 1, 2, 0])
+    class_pixels = np.array([600.0, 300.0, 100.0])  # shares 0.6, 0.3, 0.1
+    want = np.exp(-np.array([0.6, 0.3, 0.1, 0.6])).astype(np.float32)
+    got = class_balance_weights(predicted, class_pixels, 1.0)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    twice = np.exp(-2.0 * np.array([0.6, 0.3, 0.1, 0.6])).astype(np.float32)
+    np.testing.assert_array_equal(class_balance_weights(predicted, class_pixels, 2.0), twice)
+    assert class_balance_weights(predicted, class_pixels, 0.0).tolist() == [1.0] * 4  # off
+    assert class_balance_weights(predicted, np.zeros(3), 1.0).tolist() == [1.0] * 4  # nothing labelled yet
+    scores = np.array([10.0, 10.0, 10.0, 1.0], dtype=np.float32)
+    np.testing.assert_array_equal(class_balanced(scores, predicted, class_pixels, 1.0), scores * want)
+    with pytest.raises(GpualError, match="must not be negative"):
+        class_balance_weights(predicted, class_pixels, -1.0)

@@ -327,3 +327,117 @@ def test_umap_init_reaches_the_estimator_and_the_default_repeats(pool: Pool) -> 
     umap_embed(cpu_backend(), pool.bank.numpy(), regions, UmapConfig(init="spectral"), transform=transform)
     assert seen == ["random", "random", "spectral"]
     np.testing.assert_array_equal(first.points, again.points)
+
+
+def _hand_stats(**over) -> RegionStats:
+    """Eight regions in two tight groups of the embedding (0-3 near (1, 0), 4-7 near (0, 1)).
+
+    H(S) sum 50, 160, 40, 100 | 90, 20, 24, 120 over 100, 400, 50, 200 | 300, 100, 25, 400 pixels:
+    by sum 1 7 3 4 0 2 6 5; by mean (0.5 0.4 0.8 0.5 | 0.3 0.2 0.96 0.3) 6 2 0 3 1 4 7 5;
+    by sum / sqrt(pixels) (5 8 5.66 7.07 | 5.20 2 4.8 6) 1 3 7 2 4 0 6 5.
+    Dominant predicted classes 0 0 1 1 | 2 2 0 1.
+    """
+    pixels = torch.tensor([100, 400, 50, 200, 300, 100, 25, 400])
+    entropy_sum = torch.tensor([50.0, 160, 40, 100, 90, 20, 24, 120])
+    jitter = torch.tensor([0.0, 0.01, 0.02, 0.03] * 2)
+    embedding = torch.stack([torch.cat([1 - jitter[:4], jitter[4:]]), torch.cat([jitter[:4], 1 - jitter[4:]])], dim=1)
+    votes = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 2, 2, 0, 1]), 3).float() * pixels[:, None]
+    fields = dict(embedding=embedding, entropy_sum=entropy_sum, entropy_mean=entropy_sum / pixels,
+                  margin_mean=torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3, 0.8, 0.05, 0.6]),
+                  maxprob_mean=torch.full((8,), 0.5), bald=entropy_sum / 10, pixels=pixels, class_votes=votes)
+    return RegionStats(**{**fields, **over})
+
+
+def _hand_select(strategy: str, budget: int, **kwargs) -> object:
+    return select_regions(strategy, cpu_backend(), kwargs.pop("stats", None) or _hand_stats(), torch.arange(8), budget,
+                          **kwargs)
+
+
+def test_region_scores_sum_mean_and_sqrt() -> None:
+    assert _hand_select("entropy", 3).indices.tolist() == [1, 7, 3]
+    assert _hand_select("entropy", 3, region_score="mean").indices.tolist() == [6, 2, 0]
+    sqrt = _hand_select("entropy", 3, region_score="sqrt")
+    assert sqrt.indices.tolist() == [1, 3, 7]
+    np.testing.assert_allclose(sqrt.scores, [8.0, 100 / np.sqrt(200), 6.0], rtol=1e-6)
+    assert _hand_select("bald", 3, region_score="sqrt").indices.tolist() == [1, 3, 7]
+
+
+def test_a_pixel_budget_cuts_every_strategys_ranking_where_the_next_region_would_pass_it() -> None:
+    # sum: 1 (400 px) fits 700, 7 (400 more) would not: region 1 alone.
+    assert _hand_select("entropy", 3, budget_pixels=700).indices.tolist() == [1]
+    # mean: 6, 2, 0, 3 are 25 + 50 + 100 + 200 = 375 px; region 1 would make 775.
+    assert _hand_select("entropy", 3, region_score="mean", budget_pixels=700).indices.tolist() == [6, 2, 0, 3]
+    # margin (-(p1 - p2)): 6 0.05, 1 0.1, 3 0.2, 4 0.3: 25 + 400 + 200 = 625 px, then 300 more.
+    assert _hand_select("margin", 3, budget_pixels=700).indices.tolist() == [6, 1, 3]
+    # random: the same seeded permutation as a region budget, cut where it passes the budget.
+    everything = _hand_select("random", 8, seed=5).indices.tolist()
+    cut = _hand_select("random", 2, seed=5, budget_pixels=700).indices.tolist()
+    spent = np.cumsum(_hand_stats().pixels.numpy()[everything])
+    assert cut == everything[: int(np.searchsorted(spent, 700, side="right"))]
+    # coreset: greedy for as many picks as could fit (the 3 smallest make 175 px <= 200), then the cut.
+    points = torch.tensor([[0.0, 0], [1, 0], [5, 0], [0, 3], [9, 9], [9, 9], [9, 9], [9, 9]])
+    stats = _hand_stats(embedding=points, pixels=torch.tensor([10, 10, 30, 10, 500, 500, 500, 500]))
+    far = select_regions("coreset", cpu_backend(), stats, torch.arange(4), 2, budget_pixels=35)
+    assert far.indices.tolist() == [0]  # greedy 0, 2, 3: 10 px, then 40 > 35
+    assert select_regions("coreset", cpu_backend(), stats, torch.arange(4), 2, budget_pixels=50).indices.tolist() == [0, 2, 3]
+
+
+def test_several_regions_per_cluster_in_turns() -> None:
+    """k = 0.5 x 4 = 2 clusters (the two groups), two regions each: 1, 3 of the first, 7, 4 of the second."""
+    kmeans = KMeansConfig(n_init=1, random_state=0)
+    two = _hand_select("kmeans-entropy", 4, kmeans_cfg=kmeans, clusters_per_budget=0.5)
+    assert two.indices.tolist() == [1, 7, 3, 4]
+    np.testing.assert_array_equal(two.scores, [160.0, 120.0, 100.0, 90.0])
+    # With a pixel budget: turn one 1 and 7 (800 px), turn two 3 (1000 px); 4 would pass 1000.
+    capped = _hand_select("kmeans-entropy", 4, kmeans_cfg=kmeans, clusters_per_budget=0.5, budget_pixels=1000)
+    assert capped.indices.tolist() == [1, 7, 3]
+    from gpual.strategies import clusters_for
+
+    assert clusters_for(1600) == (1600, 1) and clusters_for(10, 0.5) == (5, 2) and clusters_for(10, 0.3) == (3, 4)
+    assert clusters_for(3, 0.01) == (1, 3)
+    with pytest.raises(GpualError, match="clusters_per_budget"):
+        clusters_for(10, 1.5)
+
+
+def test_class_balance_weights_scores_by_the_rarity_of_the_predicted_class() -> None:
+    """Labelled pixels 600 / 300 / 100 per class: weights exp(-0.6), exp(-0.3), exp(-0.1) on
+    predicted classes 0 0 1 1 | 2 2 0 1: 160 -> 87.8, 120 -> 88.9, 90 -> 81.4, 100 -> 74.1."""
+    class_pixels = torch.tensor([600.0, 300.0, 100.0])
+    balanced = _hand_select("entropy", 3, class_balance=1.0, class_pixels=class_pixels)
+    assert balanced.indices.tolist() == [7, 1, 4]
+    np.testing.assert_allclose(balanced.scores, [120 * np.exp(-0.3), 160 * np.exp(-0.6), 90 * np.exp(-0.1)], rtol=1e-6)
+    assert _hand_select("entropy", 3, class_balance=0.0, class_pixels=class_pixels).indices.tolist() == [1, 7, 3]
+    # margin is weighted as 1 - (p1 - p2): 6 0.95 w.55, 1 0.9 w.55, 3 0.8 w.74, 4 0.7 w.90, 2 0.5 w.74 -> 4, 3, 6.
+    assert _hand_select("margin", 3, class_balance=1.0, class_pixels=class_pixels).indices.tolist() == [4, 3, 6]
+    # Strategies without an uncertainty never read it, votes or not.
+    no_votes = _hand_stats(class_votes=None)
+    assert _hand_select("random", 3, seed=1, stats=no_votes, class_balance=1.0).indices.tolist() == \
+        _hand_select("random", 3, seed=1).indices.tolist()
+    with pytest.raises(GpualError, match="no class votes"):
+        _hand_select("entropy", 3, stats=no_votes, class_balance=1.0, class_pixels=class_pixels)
+    with pytest.raises(GpualError, match="no labelled pixels per class"):
+        _hand_select("entropy", 3, class_balance=1.0)
+    with pytest.raises(GpualError, match="predicts 3 classes"):
+        _hand_select("entropy", 3, class_balance=1.0, class_pixels=torch.ones(4))
+
+
+def test_labeled_class_pixels_and_pixel_budget_helpers() -> None:
+    import pandas as pd
+
+    from gpual.strategies import labeled_class_pixels, pixel_budget
+
+    labeled = pd.DataFrame({"class": [0, 2, 2, 255, 1, 7], "labeled_pixels": [10, 5, 6, 0, 3, 4]})
+    assert labeled_class_pixels(labeled, 3).tolist() == [10.0, 3.0, 11.0]  # void and unknown classes count nowhere
+    assert labeled_class_pixels(labeled.iloc[:0], 2).tolist() == [0.0, 0.0]
+    assert pixel_budget(0.01, 31_708_800) == 317_088 and pixel_budget(0.5, 3) == 2 and pixel_budget(1e-9, 10) == 1
+    with pytest.raises(GpualError, match="share"):
+        pixel_budget(0.0, 100)
+
+
+def test_settings_unread_name_the_new_acquisition_keys() -> None:
+    from gpual.strategies import settings_unread
+
+    assert settings_unread("umap-kmeans-entropy") == ()
+    assert settings_unread("entropy") == ("umap", "kmeans", "acquisition.clusters_per_budget")
+    assert settings_unread("coreset") == ("umap", "kmeans", "acquisition.region_score", "acquisition.class_balance",
+                                          "acquisition.clusters_per_budget")
