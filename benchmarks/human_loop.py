@@ -98,7 +98,7 @@ def main() -> None:
                 export_round(ws, r, "masks", export)
                 annotate_from_ground_truth(export, camvid)
                 summary = import_round(ws, r, export, empty_is_void=True)  # 255 in a mask: void or unlabelled
-                row["import"] = {"regions": summary.regions, "empty": summary.empty, "outside": summary.outside}
+                row["import_summary"] = {"regions": summary.regions, "empty": summary.empty, "outside": summary.outside}
                 shutil.rmtree(export)
             t2 = time.perf_counter()
             train_round(ws, r, backend.device)
