@@ -80,13 +80,19 @@ def status(
             console.print(f"round {r['round']}: {r['answered']:,} / {r['queried']:,} regions answered")
     if info["full_miou"] is not None:
         console.print(f"full-supervision reference: mIoU {info['full_miou']:.4f}")
+    if info["running"]:
+        console.print(f"running: {info['running']}", highlight=False)
     console.print(f"next: [bold]{info['next']}[/]")
 
 
 def presets() -> None:
-    """List the config presets shipped with gpual."""
+    """List the config presets shipped with gpual and the values each sets over the defaults."""
+    from gpual.config import load_preset
+
     for name in preset_names():
-        console.print(name)
+        values = load_preset(name)
+        settings = ", ".join(f"{section}.{key} = {json.dumps(value)}" for section, table in values.items() for key, value in table.items())
+        console.print(f"[bold]{name}[/]: {settings or 'the defaults'}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ Every bad file raises :class:`GpualError` naming the file and what to do.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -220,9 +221,8 @@ def _read_classes(root: Path) -> tuple[str, ...]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise GpualError(f"cannot read {path} ({e}): write it as UTF-8 text, one class name per line") from e
-    classes = tuple(
-        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
-    )
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    classes = _indexed_classes(path, lines) if lines and all(_INDEXED.match(line) for line in lines) else tuple(lines)
     if not classes:
         raise GpualError(f"{path} lists no classes: write one class name per line")
     if len(classes) > IGNORE_INDEX:
@@ -231,6 +231,31 @@ def _read_classes(root: Path) -> tuple[str, ...]:
     if dupes:
         raise GpualError(f"{path} lists classes more than once ({', '.join(dupes)}): make every name unique")
     return classes
+
+
+# "3<TAB>car" or "3 car": a class file that gives each name its label value.
+_INDEXED = re.compile(r"^(\d+)\s+(\S.*)$")
+
+
+def _indexed_classes(path: Path, lines: list[str]) -> tuple[str, ...]:
+    """Names from ``index name`` lines: value 255 (void) is left out, the others must be
+    0..C-1, each once."""
+    by_value: dict[int, str] = {}
+    for line in lines:
+        value, name = _INDEXED.match(line).groups()
+        value = int(value)
+        if value == IGNORE_INDEX:
+            continue  # void is 255 in every layout, not a class
+        if value in by_value:
+            raise GpualError(f"{path} gives label value {value} twice ({by_value[value]!r}, {name.strip()!r}): give each value one name")
+        by_value[value] = name.strip()
+    if sorted(by_value) != list(range(len(by_value))):
+        missing = sorted(set(range(max(by_value, default=-1) + 1)) - set(by_value))
+        raise GpualError(
+            f"{path} names label values {sorted(by_value)[:5]}...: they must be 0..{len(by_value) - 1} with none missing "
+            f"(missing {missing[:5]}); 255 is void"
+        )
+    return tuple(by_value[v] for v in range(len(by_value)))
 
 
 def _unknown_kind(kind: str) -> GpualError:

@@ -203,6 +203,26 @@ class Workspace:
         finally:
             os.close(fd)
 
+    def holder(self) -> str | None:
+        """The command holding the writer lock now (its ``gpual ...`` line, pid, host and
+        start), or None when no process holds it. Reads only: a shared, non-blocking probe."""
+        path = self.root / ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # no lock file yet, or unreadable: nobody has written here
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return path.read_text().strip() or "another process"
+        except OSError:
+            return None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def sweep_temporaries(self) -> list[Path]:
         """Delete the temporary files (and :func:`gpual.atomic.atomic_dir` folders) that a
         killed writer left: only names of :data:`gpual.atomic.TEMP_NAME`, in the workspace
@@ -456,8 +476,12 @@ class Workspace:
             next_command = f"gpual {step} {self.root} --round {r}"
             if step == "label" and not self._pool_has_labels():
                 next_command = f"gpual annotate {self.root} --round {r}"  # a person labels an unlabelled pool
+        running = self.holder()
+        if running is not None:  # its next step is being done now: say so instead of advising it
+            next_command = f"wait: {running} is working on this workspace"
         return {
             "workspace": str(self.root),
+            "running": running,
             "dataset": self.config.data.dataset,
             "data": self.config.data.root,
             "pool_images": int(len(index)) if index is not None else 0,
