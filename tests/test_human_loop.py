@@ -173,3 +173,18 @@ def test_demo_annotate_serves_round_one_then_trains_on_the_answers(tmp_path: Pat
     answers = ws.read_answers(1)
     assert len(answers) == 60 and (answers["source"] == "annotator").all() and (answers["class"] == 1).all()
     assert ws.round_state(1).evaluated and ws.read_metrics(1)["training"]["labeled_pixels"] > 0
+
+
+def test_run_without_val_labels_skips_evaluation_with_a_note(capsys, tmp_path: Path, scenes: tuple[Path, Path]) -> None:
+    labelled, _ = scenes
+    data = tmp_path / "data"
+    shutil.copytree(labelled, data)
+    shutil.rmtree(data / "val" / "labels")
+    root = _init(capsys, tmp_path / "ws", data)
+    r = run_cli(capsys, "run", root, "--rounds", "1", "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "split 'val'" in r.out and "has no labels: rounds are not evaluated" in r.out
+    ws = Workspace.open(root)
+    assert ws.round_state(0).trained and not ws.round_state(0).evaluated
+    r = run_cli(capsys, "evaluate", root, "--round", "0", "--device", "cpu")
+    assert r.code == 1 and "has no labels/ folder: evaluation needs ground truth" in r.err
