@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# The temporary names given here: ".NAME.XXXXXXXX.tmp" beside the target NAME, plus NAME's
-# suffix for a file (XXXXXXXX: tempfile's 8 random characters). Nothing else has them.
+# The temporary names given here: "." + the target's NAME + "." + tempfile's 8 random
+# characters + ".tmp", plus NAME's suffix for a file (".checkpoint.pt.k3j9x0ab.tmp.pt").
+# Nothing else has them.
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?$")
 
 

@@ -198,12 +198,33 @@ def _majority(answer: ImageAnswers, regions: np.ndarray, maps: dict) -> np.ndarr
     if answer.image not in maps:
         return np.full(len(regions), VOID, np.int64)
     sp, _, label_map, _ = maps[answer.image]
-    keep = label_map != VOID
-    n = int(sp.max()) + 1
-    hist = np.bincount(sp[keep].astype(np.int64) * 256 + label_map[keep], minlength=n * 256).reshape(n, 256)
+    return dominant_class(label_map, sp, int(sp.max()) + 1)[regions]
+
+
+def region_histogram(values: np.ndarray, superpixels: np.ndarray, n_regions: int, skip: int | None = None) -> np.ndarray:
+    """(n_regions, 256) int64: how many pixels of each region hold each value.
+
+    ``values`` (H, W) integers in [0, 256) (class ids, 255 = void), ``superpixels`` (H, W)
+    region ids in [0, n_regions); pixels whose value is ``skip`` are not counted. One
+    bincount over (region, value) pairs.
+    """
+    if values.shape != superpixels.shape:
+        raise ValueError(f"values {values.shape} and superpixels {superpixels.shape} differ in shape")
+    regions = superpixels.reshape(-1).astype(np.int64)
+    flat = values.reshape(-1).astype(np.int64)
+    if skip is not None:
+        keep = flat != skip
+        regions, flat = regions[keep], flat[keep]
+    return np.bincount(regions * 256 + flat, minlength=n_regions * 256).reshape(n_regions, 256)
+
+
+def dominant_class(values: np.ndarray, superpixels: np.ndarray, n_regions: int) -> np.ndarray:
+    """(n_regions,) int64: each region's most frequent non-void value (the lowest on ties),
+    255 where a region has none (all void, or no pixel)."""
+    hist = region_histogram(values, superpixels, n_regions, skip=VOID)
     out = hist.argmax(1)
     out[hist.sum(1) == 0] = VOID
-    return out[regions]
+    return out
 
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
@@ -233,16 +254,12 @@ def answers_from_label_map(image: str, label_map: np.ndarray, superpixels: np.nd
     all 255; with ``void_is_answer`` they are answered void instead, as the oracle does).
     """
     regions = np.asarray(regions, dtype=np.int64)
-    if label_map.shape != superpixels.shape:
-        raise ValueError(f"label map {label_map.shape} and superpixels {superpixels.shape} differ in shape")
     n = int(max(int(superpixels.max(initial=0)), int(regions.max(initial=0)))) + 1
-    sp = superpixels.reshape(-1).astype(np.int64)
-    values = label_map.reshape(-1)
+    hist = region_histogram(label_map, superpixels, n)
     queried = np.zeros(n, dtype=bool)
     queried[regions] = True
-    outside = int(((values != VOID) & ~queried[sp]).sum())
-    # (region, value) histogram: the distinct values of each queried region in one bincount.
-    hist = np.bincount(sp * 256 + values, minlength=n * 256).reshape(n, 256)[regions]
+    outside = int(hist[~queried, :VOID].sum())
+    hist = hist[regions]  # the distinct values of each queried region
     distinct = (hist > 0).sum(1)
     labelled = hist[:, :VOID].sum(1)
     classes = np.where(distinct == 1, hist.argmax(1), MIXED)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from gpual.config import ORACLES
 from gpual.errors import GpualError
+from gpual.label_store import VOID, answers_from_label_map, dominant_class, record_answers
 from gpual.workspace import Workspace
 
 IGNORE_INDEX = 255
@@ -33,19 +34,11 @@ def region_stats(label: np.ndarray, superpixels: np.ndarray, n_regions: int,
     """
     if label.shape != superpixels.shape:
         raise ValueError(f"label {label.shape} and superpixels {superpixels.shape} differ in shape")
-    regions = superpixels.reshape(-1).astype(np.int64)
-    classes = label.reshape(-1).astype(np.int64)
-    if regions.size and (regions.min() < 0 or regions.max() >= n_regions):
+    if superpixels.size and (int(superpixels.min()) < 0 or int(superpixels.max()) >= n_regions):
         raise ValueError(f"superpixel ids must lie in [0, {n_regions})")
-    pixels = np.bincount(regions, minlength=n_regions).astype(np.int64)
-    keep = classes != ignore_index
-    n_classes = int(classes[keep].max()) + 1 if keep.any() else 1
-    # (region, class) histogram in one bincount; argmax takes the first (lowest) class on ties.
-    hist = np.bincount(regions[keep] * n_classes + classes[keep], minlength=n_regions * n_classes)
-    hist = hist.reshape(n_regions, n_classes)
-    dominant = hist.argmax(axis=1).astype(np.int32)
-    dominant[hist.sum(axis=1) == 0] = ignore_index
-    return pixels, dominant
+    pixels = np.bincount(superpixels.reshape(-1).astype(np.int64), minlength=n_regions).astype(np.int64)
+    dominant = dominant_class(np.where(label == ignore_index, VOID, label), superpixels, n_regions)
+    return pixels, dominant.astype(np.int32)
 
 
 def reveal(label: np.ndarray, superpixels: np.ndarray, regions: np.ndarray, mode: str = "pixel",
@@ -82,7 +75,6 @@ def label_round(ws: Workspace, round: int) -> dict:
     ground truth, or a queried region is already labelled or unknown.
     """
     from gpual.datasets import open_dataset, read_label
-    from gpual.label_store import answers_from_label_map, record_answers
     from gpual.superpixels import load_superpixels, read_index
 
     ws.require(round, "label", "label")

@@ -43,7 +43,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpual.errors import GpualError
-from gpual.label_store import MIXED, VOID, ImageAnswers, check_writable, mask_path, read_mask, record_answers
+from gpual.label_store import MIXED, VOID, ImageAnswers, check_writable, dominant_class, mask_path, read_mask, record_answers
 from gpual.workspace import Workspace
 
 SUPERPIXEL_CACHE = 64  # maps kept in memory: a Cityscapes one at scale 0.5 is 1 MB
@@ -284,7 +284,7 @@ class AnnotationSession:
         if i not in self._predictions:
             predicted = self._predict(i)  # (H, W) int64 at the working scale
             sp = self.superpixels(i).astype(np.int64)
-            classes = majority_class(sp, predicted, image.regions, self.num_classes)
+            classes = majority_class(sp, predicted, image.regions)
             self._predictions[i] = {int(r): int(c) for r, c in zip(image.regions, classes)}
         return {str(r): c for r, c in self._predictions[i].items()}
 
@@ -369,15 +369,10 @@ def _round_images(ws: Workspace, query: pd.DataFrame, index: pd.DataFrame, pool:
     return images
 
 
-def majority_class(sp: np.ndarray, predicted: np.ndarray, regions: np.ndarray, num_classes: int) -> np.ndarray:
+def majority_class(sp: np.ndarray, predicted: np.ndarray, regions: np.ndarray) -> np.ndarray:
     """(k,) int64: the most frequent class of ``predicted`` ((H, W) int64 in [0, C)) inside each
     of ``regions`` ((k,) ids of ``sp``, (H, W)); the lower class id wins a tie."""
-    lut = np.full(int(sp.max()) + 1, -1, np.int64)
-    lut[regions] = np.arange(len(regions))
-    row = lut[sp]
-    keep = row >= 0
-    hist = np.bincount(row[keep] * num_classes + predicted[keep], minlength=len(regions) * num_classes)
-    return hist.reshape(len(regions), num_classes).argmax(1)
+    return dominant_class(predicted, sp, int(sp.max()) + 1)[regions]
 
 
 # ---------------------------------------------------------------------------------------
