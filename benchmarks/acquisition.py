@@ -47,12 +47,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DeviceMemoryPeak, machine_info, peak_rss_mb, write_result  # noqa: E402
 
-from gpual.acquisition import _manifest  # noqa: E402
+from gpual.acquisition.select import _manifest  # noqa: E402
 from gpual.backend import Backend, get_backend  # noqa: E402
-from gpual.clustering import resolve_levels  # noqa: E402
+from gpual.acquisition.clustering import resolve_levels  # noqa: E402
 from gpual.config import KMeansConfig, UmapConfig  # noqa: E402
-from gpual.pooling import RegionStats  # noqa: E402
-from gpual.strategies import select_regions  # noqa: E402
+from gpual.acquisition.pooling import RegionStats  # noqa: E402
+from gpual.acquisition.strategies import select_regions  # noqa: E402
 
 REGIONS_PER_IMAGE = 432  # a CamVid frame at ~400 px per region
 # The warm-up run selects from the first WARMUP_REGIONS candidates only: with the full
@@ -158,7 +158,7 @@ def ratios(cpu: dict[str, Any], cuda: dict[str, Any]) -> dict[str, float]:
 
 def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, strategy: str) -> dict[str, Any]:
     """Teacher forward + pooling over a real workspace's pool, then the selection stages."""
-    from gpual.acquisition import _pool_with_teacher
+    from gpual.acquisition.forward import pool_with_teacher
     from gpual.loading import resolve_workers
     from gpual.superpixels import read_index
     from gpual.workspace import Workspace
@@ -168,7 +168,7 @@ def pool_benchmark(ws_path: Path, round: int, backend: Backend, repeats: int, st
     n_regions = int(index["n_regions"].sum())
     forwards = []
     for i in range(repeats + 1):
-        stats, bank, timings = _pool_with_teacher(ws, round + 1, backend, index, n_regions, strategy, None)
+        stats, bank, timings = pool_with_teacher(ws, round + 1, backend, index, n_regions, strategy, None)
         if i > 0:
             forwards.append(timings)
     budget = max(1, n_regions // 100)
@@ -206,13 +206,13 @@ def plot(sweep: dict[str, list[dict[str, Any]]], path: Path) -> None:
 def synthetic_workspace(out: Path, n_images: int) -> tuple[Path, int]:
     """A demo-preset workspace on ``n_images`` synthetic 96x128 scenes with round 0 trained
     (1 epoch); reused when ``out`` already holds one. Returns (root, trained round)."""
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
     from gpual.synthetic import make_scenes
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
     from gpual.workspace import Workspace
 
     root = out / f"ws-{n_images}"
@@ -230,13 +230,13 @@ def synthetic_workspace(out: Path, n_images: int) -> tuple[Path, int]:
 def dask_round(ws: Any, round: int, backend: Backend, strategy: str, budget: int, cluster: Any) -> dict[str, float]:
     """Seconds per stage of one round's computation (nothing written): pooling on the
     workers (or here when ``cluster`` is None), then the strategy with the cluster's hooks."""
-    from gpual.acquisition import _pool_with_teacher
+    from gpual.acquisition.forward import pool_with_teacher
     from gpual.superpixels import read_index
 
     index = read_index(ws)
     n_regions = int(index["n_regions"].sum())
     t0 = time.perf_counter()
-    pool = cluster.pool_with_teacher if cluster is not None else _pool_with_teacher
+    pool = cluster.pool_with_teacher if cluster is not None else pool_with_teacher
     stats, bank, timings = pool(ws, round + 1, backend, index, n_regions, strategy, None)
     backend.synchronize()
     timings["pool_wall"] = time.perf_counter() - t0

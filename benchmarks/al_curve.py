@@ -64,12 +64,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_info, write_result  # noqa: E402
 
-from gpual.acquisition import parse_budget_pixels  # noqa: E402
+from gpual.acquisition.select import parse_budget_pixels  # noqa: E402
 from gpual.backend import get_backend  # noqa: E402
 from gpual.config import Config, make_config, merge_tables, parse_settings  # noqa: E402
 from gpual.errors import GpualError  # noqa: E402
-from gpual.loop import LoopOptions, run_loop  # noqa: E402
-from gpual.strategies import pixel_budget, settings_unread  # noqa: E402
+from gpual.active_loop import LoopOptions, run_loop  # noqa: E402
+from gpual.acquisition.strategies import pixel_budget, settings_unread  # noqa: E402
 from gpual.workspace import Workspace  # noqa: E402
 
 
@@ -195,7 +195,7 @@ def share_round_zero_from_any(out: Path, target: Workspace) -> Workspace | None:
 def full_reference(base: Workspace, device: Any, split: str) -> float:
     """mIoU of the same network and schedule trained on every pool label (cached in base/full)."""
     from gpual.evaluation import evaluate
-    from gpual.training import train_full
+    from gpual.training.loop import train_full
 
     miou = base.read_full_metrics().get("evaluation", {}).get("miou")
     if miou is not None:
@@ -222,7 +222,7 @@ def final_rounds(text: str, rounds: int) -> tuple[int, ...]:
 
 def within_budget(rows: list[dict[str, Any]], share: float, pool_pixels: int) -> bool:
     """Whether every round after round 0 labelled at most the pixel budget of ``share``
-    (:func:`gpual.strategies.pixel_budget` of the pool's ``pool_pixels``)."""
+    (:func:`gpual.acquisition.strategies.pixel_budget` of the pool's ``pool_pixels``)."""
     cap = pixel_budget(share, pool_pixels)
     shares = [row["labeled_share"] for row in rows]
     return all((b - a) * pool_pixels <= cap + 0.5 for a, b in zip(shares, shares[1:]) if _finite(a) and _finite(b))

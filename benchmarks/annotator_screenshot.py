@@ -24,13 +24,13 @@ def build(root: Path):
     """The workspace, with round 0 trained and round 1 selected."""
     import torch
 
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
     from gpual.synthetic import make_scenes
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
     from gpual.workspace import Workspace
 
     spec = make_scenes(root / "data", n_train=4, n_val=1, height=240, width=320, seed=3)

@@ -66,12 +66,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="folder for the workspaces (default: a temporary one)")
     args = parser.parse_args()
 
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.evaluation import evaluate
     from gpual.interchange import export_round, import_round
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
 
     start = time.perf_counter()
     camvid = args.data.resolve()

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import DeviceMemoryPeak, machine_info, peak_rss_mb, write_result  # noqa: E402
 
 from gpual.backend import Backend, get_backend  # noqa: E402
-from gpual.clustering import kmeans_labels  # noqa: E402
+from gpual.acquisition.clustering import kmeans_labels  # noqa: E402
 from gpual.config import KMeansConfig  # noqa: E402
 
 

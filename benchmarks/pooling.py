@@ -1,6 +1,6 @@
 """Pooling throughput against the device's memory bandwidth.
 
-Pooling (``gpual.pooling.RegionPooler.add``) folds each batch's per-pixel probabilities
+Pooling (``gpual.acquisition.pooling.RegionPooler.add``) folds each batch's per-pixel probabilities
 (B, C, H, W) and the projection head's (B, D, H/s, W/s) map (s = ``--output-stride``)
 into per-region sums: ``index_add_`` for the per-pixel statistics, one (regions x cells)
 matrix product per image for the embeddings, which are never built per pixel. Its floor
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
 from gpual.backend import synchronize_device as sync  # noqa: E402
-from gpual.pooling import RegionPooler  # noqa: E402
+from gpual.acquisition.pooling import RegionPooler  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[float]:

@@ -1,4 +1,4 @@
-"""Training-step throughput and peak memory: the real :func:`gpual.training.train_step`
+"""Training-step throughput and peak memory: the real :func:`gpual.training.loop.train_step`
 (forward, CE, InfoNCE against a full memory bank, backward, Adam, EMA, bank push).
 
     python benchmarks/train_step.py                                   # resnet18, 180x240, CPU
@@ -33,7 +33,8 @@ from gpual.config import BACKBONES, make_config  # noqa: E402
 from gpual.memory_bank import MemoryBank  # noqa: E402
 from gpual.model import OUTPUT_STRIDES, build_model  # noqa: E402
 from gpual.teacher import make_teacher  # noqa: E402
-from gpual.training import Trainer, make_optimizer, torch_device, train_step  # noqa: E402
+from gpual.backend import resolve_device
+from gpual.training.loop import Trainer, make_optimizer, train_step  # noqa: E402
 
 
 def synthetic_batch(batch: int, h: int, w: int, classes: int, labeled: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="float16 autocast + GradScaler (CUDA only)")
     parser.add_argument("--no-contrastive", action="store_true", help="also time lambda = 0")
     args = parser.parse_args()
-    device = torch_device(args.device)
+    device = resolve_device(args.device)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.size.split(",")]
     results = []
     for size in sizes:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cli.main import RoundOpt, WorkspaceArg, console, workspace_path
+from cli.options import RoundOpt, WorkspaceArg, console, workspace_path
 from gpual.workspace import Workspace
 
 if TYPE_CHECKING:

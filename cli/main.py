@@ -2,22 +2,19 @@
 (``cli/<stage>.py``), each exposing ``register(app)``; this module builds the app, turns
 :class:`~gpual.errors.GpualError`, an ``OSError`` met at the workspace boundary (read-only
 or full disk, no permission) and Click's usage errors into one ``error: ...`` line on
-stderr plus the exit code of :mod:`gpual.errors`' rule, and holds the options every
-command shares.
+stderr plus the exit code of :mod:`gpual.errors`' rule. The options commands share
+live in :mod:`cli.options`.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from cli import options
+from cli.options import err_console
 from gpual.errors import GpualError, os_error
-
-console = Console(soft_wrap=True)  # commands and paths stay on one line, copy-pasteable
-err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="gpual",
@@ -26,33 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# Shared option definitions: one place for their help text.
-WorkspaceArg = typer.Argument(..., help="Workspace folder (created by `gpual init`).", show_default=False)
-DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when torch sees a GPU; selection also needs cuML/cuDF there).")
-RoundOpt = typer.Option(..., "--round", "-r", help="Round number (0 = the random initial labels).", min=0)
-
-
-def cell(value: float | None, form: str) -> str:
-    """A table cell: ``value`` in ``form`` (e.g. ".4f", ".2%"), or "-" when it is absent."""
-    return "-" if value is None else format(value, form)
-
-
-def final_columns(rows: list[dict]) -> tuple[str, ...]:
-    """The final-retraining column's header when any round row has a ``final_miou``, else none."""
-    return ("mIoU, final retraining",) if any(row.get("final_miou") is not None for row in rows) else ()
-
-
-# The workspace the running command named, for errors that carry no file name (a write
-# that ran out of space): set by workspace_path.
-_current_workspace: Path | None = None
-
-
-def workspace_path(path: Path) -> Path:
-    """Normalise a workspace argument (no existence check: commands decide)."""
-    global _current_workspace
-    _current_workspace = Path(path).expanduser()
-    return _current_workspace
 
 
 def _error(message: str, exit_code: int) -> None:
@@ -84,15 +54,14 @@ def _register_all() -> None:
 
 def main() -> None:
     """Console-script entry point: run the app, one-line errors, clean exit codes."""
-    global _current_workspace
     _register_all()
-    _current_workspace = None
+    options.current_workspace = None
     try:
         app(standalone_mode=False, prog_name="gpual")  # the usage lines say `gpual`, however it was started
     except GpualError as exc:
         _error(str(exc), exc.exit_code)
     except OSError as exc:  # the disk refused: read-only, full, no permission, a file where a folder should be
-        error = os_error(exc, _current_workspace)
+        error = os_error(exc, options.current_workspace)
         _error(str(error), error.exit_code)
     except typer.Abort:
         err_console.print("[bold red]error:[/] aborted; nothing was written by the interrupted step")

@@ -1,5 +1,6 @@
 """The one object that decides which libraries run each stage: CUDA (CuPy, cuML, cuDF)
-or the CPU twin (NumPy, umap-learn, scikit-learn, pandas/pyarrow).
+or the CPU twin (NumPy, umap-learn, scikit-learn, pandas/pyarrow), and the device rules
+every stage shares (:func:`resolve_device`, the AMP rule :func:`amp_enabled`).
 
 Stage code never imports CuPy, cuML or cuDF itself: it asks the :class:`Backend` for the
 array namespace (``backend.xp``), the estimator classes (``backend.umap(...)``,
@@ -66,6 +67,10 @@ class Backend:
     def is_cuda(self) -> bool:
         return self.name == "cuda"
 
+    def amp(self, requested: bool) -> bool:
+        """Whether float16 autocast runs here: ``requested`` (``train.amp``) and on CUDA."""
+        return amp_enabled(self.device, requested)
+
     # --- estimators: identical constructor arguments on both devices -------------------
     def umap(self, **kwargs: Any) -> Any:
         """A UMAP estimator (cuML on CUDA, umap-learn on CPU) with ``kwargs``."""
@@ -109,6 +114,17 @@ class Backend:
         if self.is_cuda:
             return self.xp.asnumpy(array)
         return np.asarray(array)
+
+    def frame_to_host(self, table: Any) -> Any:
+        """A pandas copy of a ``frame`` table (cuDF -> host); the table itself on CPU."""
+        return table.to_pandas() if self.is_cuda else table
+
+    def frame_dtypes(self, dtypes: dict[str, str]) -> dict[str, str]:
+        """pandas column dtypes as ``frame`` spells them: cuDF names pandas' ``"string"``
+        ``"str"`` (the parquet file written is the same)."""
+        if not self.is_cuda:
+            return dict(dtypes)
+        return {column: ("str" if dtype == "string" else dtype) for column, dtype in dtypes.items()}
 
     def synchronize(self) -> None:
         """Wait for queued device work (timing); a no-op on CPU."""
@@ -189,9 +205,24 @@ class ExactSmallBankUMAP:
             # umap-learn reminds that precomputed input must be distances to the training set: it is.
             warnings.filterwarnings("ignore", message=".*precomputed metric.*")
             for start in range(0, len(regions), self.TRANSFORM_CHUNK):
-                chunk = pairwise_distances(regions[start:start + self.TRANSFORM_CHUNK], self._bank)
-                parts.append(self.estimator.transform(chunk))
+                distances = pairwise_distances(regions[start:start + self.TRANSFORM_CHUNK], self._bank)
+                parts.append(self.estimator.transform(self._nearest(distances)))
         return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def _nearest(self, distances: np.ndarray) -> Any:
+        """(r, N) distances -> a sparse (r, N) matrix of each row's ``n_neighbors`` nearest.
+
+        umap-learn reads only those from precomputed input (its documented sparse form),
+        and would otherwise sort every full row: a quarter less transform time at a
+        4,000-vector bank, the same points (benchmarks/umap_bank.py).
+        """
+        import scipy.sparse
+
+        k = min(int(self._kwargs.get("n_neighbors", 15)), distances.shape[1])
+        nearest = np.argpartition(distances, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(distances, nearest, axis=1)
+        return scipy.sparse.csr_matrix((values.ravel(), nearest.ravel(), np.arange(0, nearest.size + 1, k)),
+                                       shape=distances.shape)
 
     def __getattr__(self, name: str) -> Any:
         """The fitted estimator's attributes (``embedding_``), or the constructor's arguments
@@ -215,6 +246,49 @@ def synchronize_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def amp_enabled(device: torch.device, requested: bool) -> bool:
+    """The one AMP rule: float16 autocast (and loss scaling in training) only on CUDA.
+
+    For code that holds a torch device but no :class:`Backend` (training, evaluation, a
+    Dask worker's forward); :meth:`Backend.amp` is the same rule.
+    """
+    return bool(requested) and device.type == "cuda"
+
+
+def _no_cuda(asked: str) -> GpualError:
+    return GpualError(
+        f"--device {asked} was asked for but torch sees no CUDA device "
+        f"(torch {torch.__version__}): run with --device cpu, or install a CUDA build of torch on a GPU machine",
+        2,
+    )
+
+
+def _unknown_device(asked: str) -> GpualError:
+    return GpualError(f"--device {asked!r} is not one of cpu, cuda, auto", 2)
+
+
+def resolve_device(name: DeviceName | str = "auto") -> torch.device:
+    """``cpu``, ``cuda`` (or ``cuda:K``) or ``auto`` -> a torch device, for the stages that
+    need torch only (training, evaluation, the annotator's predictions).
+
+    Unlike :func:`get_backend`, CUDA does not require RAPIDS here; ``auto`` is CUDA when
+    torch sees a GPU. Asking for CUDA without one raises GpualError (exit 2).
+    """
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise _no_cuda(name)
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise GpualError(f"--device {name}: torch sees only {torch.cuda.device_count()} CUDA device(s)", 2)
+        return device
+    raise _unknown_device(name)
+
+
 def cpu_backend(reason: str = "") -> Backend:
     """The CPU twin: NumPy, umap-learn, scikit-learn, pandas."""
     import pandas
@@ -225,11 +299,7 @@ def cpu_backend(reason: str = "") -> Backend:
 def cuda_backend() -> Backend:
     """The CUDA backend; :class:`GpualError` (exit 2) if CUDA or RAPIDS is missing."""
     if not torch.cuda.is_available():
-        raise GpualError(
-            "--device cuda was asked for but torch sees no CUDA device "
-            f"(torch {torch.__version__}): run with --device cpu, or install a CUDA build of torch on a GPU machine",
-            2,
-        )
+        raise _no_cuda("cuda")
     try:
         modules = _import_rapids()
     except ImportError as exc:
@@ -258,7 +328,7 @@ def get_backend(device: DeviceName | str = "auto") -> Backend:
     if device == "cuda":
         return cuda_backend()
     if device != "auto":
-        raise GpualError(f"--device {device!r} is not one of cpu, cuda, auto", 2)
+        raise _unknown_device(device)
     if not torch.cuda.is_available():
         return cpu_backend("no CUDA device visible to torch")
     try:

@@ -1,11 +1,11 @@
 """One acquisition round scaled out over a Dask cluster (``gpual select --dask/--gpus/--dask-workers``).
 
 How the round's work is split (the stages and their results are those of the
-single-process path, :func:`gpual.acquisition.acquire`):
+single-process path, :func:`gpual.acquisition.select.acquire`):
 
     teacher forward + pooling  the pool's images in contiguous shards of whole batches, one
                                shard per worker; each worker loads the checkpoint and runs
-                               the same code as one process (:func:`gpual.acquisition.pool_images`)
+                               the same code as one process (:func:`gpual.acquisition.forward.pool_images`)
                                on its images and their cached superpixels, and returns only
                                its regions' pooled statistics (host NumPy). Shards carry the
                                global region offsets of the superpixel index, so the client
@@ -15,7 +15,7 @@ single-process path, :func:`gpual.acquisition.acquire`):
                                ``partition_regions`` rows.
     KMeans                     GPU: ``cuml.dask.cluster.KMeans`` over the partitioned points;
                                CPU: scikit-learn on the gathered points (UMAP's (M, 2): cheap).
-    ranking, manifest          on the client (:mod:`gpual.ranking`), on the small result.
+    ranking, manifest          on the client (:mod:`gpual.acquisition.ranking`), on the small result.
 
 Where the workers run:
 
@@ -60,11 +60,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from gpual.backend import amp_enabled, cpu_backend
 from gpual.errors import GpualError
 
 if TYPE_CHECKING:
     from gpual.backend import Backend
-    from gpual.pooling import RegionStats
+    from gpual.acquisition.pooling import RegionStats
     from gpual.workspace import Workspace
 
 # Candidate rows per UMAP-transform partition: big enough to amortise a task (and, on the
@@ -134,15 +135,15 @@ class DaskCluster:
         self, ws: Workspace, round: int, backend: Backend, index: pd.DataFrame, n_regions: int, strategy: str,
         progress: Any = None,
     ) -> tuple[RegionStats, torch.Tensor, dict[str, float]]:
-        """The distributed twin of ``acquisition._pool_with_teacher``: same arguments, same result.
+        """The distributed twin of ``acquisition.pool_with_teacher``: same arguments, same result.
 
         Returns (RegionStats of all R regions on ``backend.device``, memory-bank vectors
         (N, D) float32 on ``backend.device``, timings): ``forward`` and ``pooling`` are the
         slowest shard's seconds, ``pool_wall`` the client's wall time for the stage
         (workers loading the checkpoint and the transfer included).
         """
-        from gpual.pooling import RegionStats
-        from gpual.training import load_bank
+        from gpual.acquisition.pooling import RegionStats
+        from gpual.training.checkpoints import load_bank
 
         t0 = time.perf_counter()
         # The client reads the checkpoint too: it needs the bank, and a missing checkpoint
@@ -254,9 +255,7 @@ class DaskCluster:
 
             chunks = da.from_array(points, chunks=(self.partition_regions, -1), asarray=False)
             return DaskKMeans(client=self.client, **params).fit_predict(chunks).compute()
-        from sklearn.cluster import KMeans
-
-        return KMeans(**params).fit_predict(points)
+        return cpu_backend().kmeans(**params).fit_predict(points)
 
 
 def _describe_loss(exc: BaseException) -> str:
@@ -304,8 +303,8 @@ def pool_shard(root: str, config: Any, round: int, device_type: str, shard: pd.D
         {"stats": {field: host NumPy array of the shard's regions, or None}, "timings":
         {"forward", "pooling", "loader_wait"} seconds}.
     """
-    from gpual.acquisition import pool_images
-    from gpual.training import load_teacher
+    from gpual.acquisition.forward import pool_images
+    from gpual.training.checkpoints import load_teacher
     from gpual.workspace import Workspace
 
     if device_type == "cuda":
@@ -320,7 +319,7 @@ def pool_shard(root: str, config: Any, round: int, device_type: str, shard: pd.D
     ws = Workspace(Path(root), config)
     teacher, _ = load_teacher(ws.checkpoint_path(round - 1), device)
     # Dask workers are daemonic processes, which may not start loader processes.
-    stats, timings = pool_images(ws, round, teacher, shard, strategy, device, device.type == "cuda" and ws.config.train.amp,
+    stats, timings = pool_images(ws, round, teacher, shard, strategy, device, amp_enabled(device, ws.config.train.amp),
                                  first_batch=first_batch, loader_workers=0)
     host = {name: (None if getattr(stats, name) is None else getattr(stats, name).cpu().numpy()) for name in _STAT_FIELDS}
     return {"stats": host, "timings": timings}

@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from gpual.backend import amp_enabled
 from gpual.errors import GpualError
 from gpual.loading import host_batches, pad_collate
-from gpual.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+from gpual.metrics import averaged_classes, classes_in_truth, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 from gpual.model import normalize
-from gpual.training import load_teacher
+from gpual.training.checkpoints import load_teacher
 from gpual.workspace import Workspace
 
 
@@ -45,11 +46,16 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
     """Evaluate round ``round``'s teacher (``None``: the full-supervision reference; ``final``:
     the final retraining on round ``round``'s labels) on ``split``.
 
-    Returns and records ``{"split", "miou", "iou": {class: IoU or None}, "confusion": C x C
-    counts (rows = truth), "pixel_accuracy", "images", "seconds", ...}`` as ``evaluation``
-    (the latest) and ``evaluations[split]`` in that model's metrics JSON (``full/metrics.json``
-    for the reference, ``rounds/NNN/final/metrics.json`` for a final retraining). Refuses
-    when the model is not trained.
+    Returns ``{"split", "miou", "classes_averaged", "classes_in_truth", "classes_total",
+    "iou": {class: IoU or None}, "confusion": C x C counts (rows = truth), "pixel_accuracy",
+    "images", "seconds", ...}``: mIoU averages the ``classes_averaged`` classes with an IoU
+    (in the split's ground truth or predicted) of the dataset's ``classes_total``.
+
+    Records it in that model's metrics JSON (``full/metrics.json`` for the reference,
+    ``rounds/NNN/final/metrics.json`` for a final retraining) as ``evaluations[split]``,
+    and as ``evaluation`` (the latest split) without the confusion matrix, which C x C
+    counts make the largest part of the file: ``evaluation["confusion_in"]`` names the
+    entry that holds it. Refuses when the model is not trained.
     """
     from gpual.datasets import open_dataset
 
@@ -73,7 +79,7 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
     if len(classes) != teacher.num_classes:
         raise GpualError(f"{path} predicts {teacher.num_classes} classes but {spec.root} has {len(classes)}: evaluate on the dataset it was trained on")
 
-    amp = ws.config.train.amp and device.type == "cuda"
+    amp = amp_enabled(device, ws.config.train.amp)
     loader = host_batches(_LabeledImages(spec, samples, ws.config.data.scale), device, ws.config.train.num_workers,
                           batch_size=ws.config.acquisition.batch_size, collate_fn=pad_collate)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64, device=device)
@@ -90,6 +96,9 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
     result = {
         "split": name,
         "miou": mean_iou(confusion),
+        "classes_averaged": averaged_classes(confusion),
+        "classes_in_truth": classes_in_truth(confusion),
+        "classes_total": len(classes),
         "iou": dict(zip(classes, ious)),
         "pixel_accuracy": pixel_accuracy(confusion),
         "confusion": confusion.tolist(),
@@ -103,5 +112,6 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
         "final": final,
     }
     evaluations = {**ws.read_run_metrics(run).get("evaluations", {}), name: result}
-    ws.update_run_metrics(run, evaluation=result, evaluations=evaluations)
+    latest = {**{k: v for k, v in result.items() if k != "confusion"}, "confusion_in": f"evaluations.{name}"}
+    ws.update_run_metrics(run, evaluation=latest, evaluations=evaluations)
     return result

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gpual.errors import GpualError
-from gpual.pooling import pixel_entropy  # Eq. 4 in bits: one definition for training and acquisition
+from gpual.acquisition.pooling import pixel_entropy  # Eq. 4 in bits: one definition for training and acquisition
 
 
 class MemoryBank:

@@ -95,7 +95,7 @@ class SegmentationModel(nn.Module):
         """``logits`` (B, C, H, W) as in :meth:`forward`, and ``projection`` (B, D, h, w), the
         projection head's output at the backbone's resolution, not normalised: what training
         and pool scoring read. ``embedding_at(projection, ...)`` (chosen pixels) and
-        :class:`gpual.pooling.RegionPooler` (region sums) give :meth:`forward`'s embedding
+        :class:`gpual.acquisition.pooling.RegionPooler` (region sums) give :meth:`forward`'s embedding
         without building the (B, D, H, W) map (the bulk of a CPU step)."""
         size = x.shape[-2:]
         features = self.features(x)

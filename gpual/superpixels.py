@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -52,7 +52,9 @@ from gpual.atomic import atomic_path
 from gpual.config import SUPERPIXEL_METHODS
 from gpual.datasets import open_dataset, read_image
 from gpual.errors import GpualError
-from gpual.workspace import Workspace
+
+if TYPE_CHECKING:  # the workspace reads the index through this module: no import back
+    from gpual.workspace import Workspace
 
 INDEX_NAME = "index.parquet"
 # Pixels per region, one row per region of the pool in global id order (column "pixels"):
@@ -345,21 +347,59 @@ def build_cache(
     identities = [file_identity(s.image) for s in pool]
     keys = [cache_key(digest, params) for _, _, digest in identities]
     files = [_cache_file_name(s.id, k) for s, k in zip(pool, keys)]
-
     old = _read_index_or_none(ws)
     _refuse_change_after_rounds(ws, old, [s.id for s in pool], keys)
-    old_rows = {} if old is None else {row.image: row for row in old.itertuples(index=False)}
 
+    meta, todo, staged = _reusable_maps(ws, old, [s.id for s in pool], keys, files)
+    staging = ws.superpixel_staging_dir
+    made = [folder for folder in (ws.superpixel_dir, staging) if not folder.exists()]  # removed again on an error
+    tasks = [(str(pool[i].image), str(staging / files[i]), params) for i in todo]
+    try:
+        meta.update(_compute_maps(todo, tasks, workers, staging, len(pool), progress))
+    except Exception:
+        _discard_staged(staging, [files[i] for i in todo], made)
+        raise
+    staged.update(files[i] for i in todo)
+
+    index, region_pixels = _index_table(pool, keys, files, identities, meta)
+    try:
+        _commit(ws, old, index, region_pixels, staged)
+    except Exception:
+        _discard_staged(staging, [files[i] for i in todo], made)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # maps of an interrupted run no longer wanted
+    _remove_unreferenced(ws.superpixel_dir, set(files))
+    n_regions = index["n_regions"].to_numpy(np.int64)
     total = len(pool)
+    return SuperpixelSummary(
+        images=total,
+        computed=len(todo),
+        skipped=total - len(todo),
+        regions_mean=float(n_regions.mean()) if total else 0.0,
+        regions_min=int(n_regions.min()) if total else 0,
+        regions_max=int(n_regions.max()) if total else 0,
+        seconds=time.perf_counter() - start,
+        method=params["method"],
+    )
+
+
+def _reusable_maps(ws: Workspace, old: pd.DataFrame | None, ids: list[str], keys: list[str],
+                   files: list[str]) -> tuple[dict[int, MapMeta], list[int], set[str]]:
+    """(meta of the pool positions whose map can be reused, positions still to compute,
+    reused maps waiting in staging/).
+
+    A map is reused when the index names it with the same key, or when a file named by
+    the key lies beside the index (from an older gpual) or in staging/ (from an
+    interrupted run): writes are atomic, so such a file is whole.
+    """
+    old_rows = {} if old is None else {row.image: row for row in old.itertuples(index=False)}
     staging = ws.superpixel_staging_dir
     meta: dict[int, MapMeta] = {}  # pool position -> (n_regions, height, width, pixels per region)
     todo: list[int] = []
-    staged: set[str] = set()  # maps in staging/, moved beside the index once all are there
-    for i, (sample, key, name) in enumerate(zip(pool, keys, files)):
-        row = old_rows.get(sample.id)
+    staged: set[str] = set()
+    for i, (image_id, key, name) in enumerate(zip(ids, keys, files)):
+        row = old_rows.get(image_id)
         expected = (int(row.height), int(row.width), int(row.n_regions)) if row is not None and row.key == key else None
-        # A file named by the key but absent from the index (beside it from an older gpual,
-        # in staging/ from an interrupted run) is whole (writes are atomic): it is reused too.
         found = _cached_meta(ws.superpixel_dir / name, expected)
         if found is None:
             found = _cached_meta(staging / name, None)
@@ -369,48 +409,57 @@ def build_cache(
             todo.append(i)
         else:
             meta[i] = found
+    return meta, todo, staged
+
+
+def _compute_maps(todo: list[int], tasks: list[tuple[str, str, dict[str, Any]]], workers: int, staging: Path,
+                  total: int, progress: Callable[[int, int], None] | None) -> dict[int, MapMeta]:
+    """Compute the maps of pool positions ``todo`` into ``staging`` (in this process or in
+    ``workers`` spawned processes); their meta by position. The first failure cancels the
+    rest and is raised."""
     done = total - len(todo)
     if progress:
         progress(done, total)
-
+    if not todo:
+        return {}
+    staging.mkdir(parents=True, exist_ok=True)
+    meta: dict[int, MapMeta] = {}
     in_process = workers == 1 or len(todo) <= 1  # a process pool costs about a second to start
     # One OpenMP thread per worker process (they already fill the cores); all cores in-process.
     threads = -1 if in_process else 1
-    tasks = [(str(pool[i].image), str(staging / files[i]), params, threads) for i in todo]
-    made = [folder for folder in (ws.superpixel_dir, staging) if not folder.exists()]  # removed again on an error
-    if todo:
-        staging.mkdir(parents=True, exist_ok=True)
-    try:
-        if in_process:
-            for i, task in zip(todo, tasks):
-                meta[i] = _compute_and_save(task)
+    if in_process:
+        for i, task in zip(todo, tasks):
+            meta[i] = _compute_and_save((*task, threads))
+            done += 1
+            if progress:
+                progress(done, total)
+        return meta
+    # spawn, not fork: GNU OpenMP (libgomp, under fast-slic) and torch's thread pools
+    # can hang in a forked child of a process that already started them.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool_exec:
+        futures: dict[Future, int] = {pool_exec.submit(_compute_and_save, (*t, threads)): i for i, t in zip(todo, tasks)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
+                meta[futures[future]] = future.result()
                 done += 1
                 if progress:
                     progress(done, total)
-        else:
-            # spawn, not fork: GNU OpenMP (libgomp, under fast-slic) and torch's thread pools
-            # can hang in a forked child of a process that already started them.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool_exec:
-                futures: dict[Future, int] = {pool_exec.submit(_compute_and_save, t): i for i, t in zip(todo, tasks)}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in finished:
-                        if future.exception() is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise future.exception()
-                        meta[futures[future]] = future.result()
-                        done += 1
-                        if progress:
-                            progress(done, total)
-            # (leaving the with-block waits for the workers still running: nothing writes after it)
-    except Exception:
-        _discard_staged(staging, [files[i] for i in todo], made)
-        raise
-    staged.update(files[i] for i in todo)
+        # (leaving the with-block waits for the workers still running: nothing writes after it)
+    return meta
 
+
+def _index_table(pool: list[Any], keys: list[str], files: list[str], identities: list[tuple[int, int, str]],
+                 meta: dict[int, MapMeta]) -> tuple[pd.DataFrame, np.ndarray]:
+    """(the index: one row per pool image with INDEX_COLUMNS, (R,) int64 pixels per region
+    in global id order)."""
+    total = len(pool)
     n_regions = np.array([meta[i][0] for i in range(total)], dtype=np.int64)
     region_pixels = np.concatenate([meta[i][3] for i in range(total)]) if total else np.zeros(0, np.int64)
     heights = np.array([meta[i][1] for i in range(total)], dtype=np.int64)
@@ -431,37 +480,30 @@ def build_cache(
             "digest": [digest for _, _, digest in identities],
         }
     )
-    regions = pd.DataFrame({"pixels": region_pixels.astype(np.int32)})
+    return index, region_pixels
+
+
+def _commit(ws: Workspace, old: pd.DataFrame | None, index: pd.DataFrame, region_pixels: np.ndarray,
+            staged: set[str]) -> None:
+    """Write the tables that changed, then move the staged maps beside them.
+
+    Both tables are written out before any map moves in, so a full disk fails with the
+    cache as it was; the index's temporary is replaced last (an ExitStack unwinds in
+    reverse), so the index is the commit.
+    """
     stored = _read_regions_or_none(ws)
-    writes = []  # the index first: its temporary is replaced last (an ExitStack unwinds in reverse)
+    writes = []
     if old is None or not _same_table(old, index):
         writes.append((ws.superpixel_dir / INDEX_NAME, index))
     if stored is None or not np.array_equal(stored, region_pixels):
-        writes.append((ws.superpixel_dir / REGIONS_NAME, regions))
-    try:
-        with ExitStack() as stack:
-            # Both tables are written out before any map moves in: a full disk fails here,
-            # with the cache as it was.
-            for path, frame in writes:
-                frame.to_parquet(stack.enter_context(atomic_path(path)), index=False)
-            ws.superpixel_dir.mkdir(parents=True, exist_ok=True)
-            for name in sorted(staged):  # renames: no space needed
-                os.replace(staging / name, ws.superpixel_dir / name)
-    except Exception:
-        _discard_staged(staging, [files[i] for i in todo], made)
-        raise
-    shutil.rmtree(staging, ignore_errors=True)  # maps of an interrupted run no longer wanted
-    _remove_unreferenced(ws.superpixel_dir, set(files))
-    return SuperpixelSummary(
-        images=total,
-        computed=len(todo),
-        skipped=total - len(todo),
-        regions_mean=float(n_regions.mean()) if total else 0.0,
-        regions_min=int(n_regions.min()) if total else 0,
-        regions_max=int(n_regions.max()) if total else 0,
-        seconds=time.perf_counter() - start,
-        method=params["method"],
-    )
+        writes.append((ws.superpixel_dir / REGIONS_NAME, pd.DataFrame({"pixels": region_pixels.astype(np.int32)})))
+    staging = ws.superpixel_staging_dir
+    with ExitStack() as stack:
+        for path, frame in writes:
+            frame.to_parquet(stack.enter_context(atomic_path(path)), index=False)
+        ws.superpixel_dir.mkdir(parents=True, exist_ok=True)
+        for name in sorted(staged):  # renames: no space needed
+            os.replace(staging / name, ws.superpixel_dir / name)
 
 
 def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> bool:

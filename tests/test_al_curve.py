@@ -14,8 +14,8 @@ import torch
 
 from gpual.backend import cpu_backend
 from gpual.config import make_config
-from gpual.pooling import RegionStats
-from gpual.strategies import STRATEGY_NAMES, select_regions
+from gpual.acquisition.pooling import RegionStats
+from gpual.acquisition.strategies import STRATEGY_NAMES, select_regions
 from gpual.workspace import Workspace
 
 from test_benchmarks import _finished_round_zero, _load

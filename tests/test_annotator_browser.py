@@ -17,7 +17,7 @@ pytestmark = pytest.mark.browser
 def annotator(tmp_path: Path):
     """A tiny round-0 workspace (2 images, 6 queried regions) served in-process on a free
     port; yields (url, session, server thread)."""
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.annotator.server import AnnotationSession, AnnotatorServer
     from gpual.backend import cpu_backend
     from gpual.config import make_config

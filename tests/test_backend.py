@@ -64,3 +64,25 @@ def test_cpu_umap_takes_exact_distances_for_small_banks_and_the_index_above(monk
     monkeypatch.setattr(ExactSmallBankUMAP, "SMALL", 200)
     large = cpu_backend().umap(**args).fit(bank)
     assert large.estimator.metric == "euclidean" and large.transform(regions).shape == (500, 2)
+
+
+def test_cpu_umap_transform_of_the_nearest_distances_equals_the_full_rows() -> None:
+    """The small-bank transform hands umap-learn only each region's n_neighbors nearest
+    distances (sparse): the points are those of the full distance rows, exactly."""
+    import warnings
+
+    import numpy as np
+    from sklearn.metrics import pairwise_distances
+
+    from gpual.backend import cpu_backend
+
+    rng = np.random.default_rng(1)
+    bank = rng.normal(size=(250, 8)).astype(np.float32)
+    regions = rng.normal(size=(300, 8)).astype(np.float32)
+    reducer = cpu_backend().umap(n_components=2, n_neighbors=7, min_dist=0.1, random_state=0, init="random").fit(bank)
+    nearest = reducer._nearest(pairwise_distances(regions, bank))
+    assert nearest.shape == (300, 250) and (nearest.getnnz(axis=1) == 7).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = reducer.estimator.transform(pairwise_distances(regions, bank))
+    np.testing.assert_array_equal(reducer.transform(regions), full.astype(np.float32))

@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace whose round 0 is selected (60 random regions), labeled and trained (1 epoch);
     batch size 2 so the 6-image pool makes 3 batches (2 shards of unequal size)."""
     from gpual.synthetic import make_scenes
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
     from test_training import labeled_workspace
 
     root = tmp_path_factory.mktemp("dask")
@@ -95,13 +95,13 @@ def test_plan_shards_cover_the_pool_in_whole_batches() -> None:
 
 @pytest.mark.parametrize("strategy", ["entropy", "bald"])
 def test_distributed_pooling_equals_single_process(ws: Workspace, cluster, strategy: str) -> None:
-    from gpual.acquisition import _pool_with_teacher
+    from gpual.acquisition.forward import pool_with_teacher
     from gpual.superpixels import read_index
 
     index = read_index(ws)
     n_regions = int(index["n_regions"].sum())
     backend = cpu_backend()
-    ref, ref_bank, _ = _one_thread(_pool_with_teacher, ws, 1, backend, index, n_regions, strategy, None)
+    ref, ref_bank, _ = _one_thread(pool_with_teacher, ws, 1, backend, index, n_regions, strategy, None)
     got, bank, timings = cluster.pool_with_teacher(ws, 1, backend, index, n_regions, strategy, None)
     assert got.n_regions == n_regions and torch.equal(bank, ref_bank)
     for name in FIELDS:
@@ -115,9 +115,9 @@ def test_distributed_pooling_equals_single_process(ws: Workspace, cluster, strat
 
 
 def test_pooling_with_loader_processes_equals_in_process_decoding(ws: Workspace) -> None:
-    from gpual.acquisition import pool_images
+    from gpual.acquisition.forward import pool_images
     from gpual.superpixels import read_index
-    from gpual.training import load_checkpoint
+    from gpual.training.checkpoints import load_checkpoint
 
     index = read_index(ws)
     _, teacher, _, _ = load_checkpoint(ws.checkpoint_path(0), CPU)
@@ -147,7 +147,7 @@ def test_umap_transform_on_workers_matches_per_partition_transform(cluster) -> N
 
 
 def test_umap_kmeans_entropy_round_on_the_workers(ws: Workspace, cluster) -> None:
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
 
     labeled = ws.read_labeled(0)
     result = acquire(ws, 1, cpu_backend(), strategy="umap-kmeans-entropy", budget=12, cluster=cluster)
@@ -162,7 +162,7 @@ def test_umap_kmeans_entropy_round_on_the_workers(ws: Workspace, cluster) -> Non
 
 
 def test_cli_select_on_a_dask_address_equals_one_process(capsys, ws: Workspace, cluster, tmp_path: Path) -> None:
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
 
     reference = Workspace.open(shutil.copytree(ws.root, tmp_path / "reference"))
     _one_thread(acquire, reference, 1, cpu_backend(), strategy="entropy", budget=10)

@@ -32,9 +32,9 @@ import torch
 
 from gpual.backend import Backend, cpu_backend, get_backend
 from gpual.config import KMeansConfig, UmapConfig
-from gpual.pooling import RegionPooler, RegionStats
-from gpual.ranking import cluster_argmax, select_per_cluster, top_k
-from gpual.strategies import select_regions
+from gpual.acquisition.pooling import RegionPooler, RegionStats
+from gpual.acquisition.ranking import cluster_argmax, select_per_cluster, top_k
+from gpual.acquisition.strategies import select_regions
 
 pytestmark = [pytest.mark.gpu, pytest.mark.rapids]
 
@@ -182,7 +182,7 @@ def test_cluster_strategies_on_cuml(cuda: Backend) -> None:
     """cuML UMAP/KMeans: budget distinct picks on the device; their ranking makes no host copy."""
     import cupy
 
-    from gpual.clustering import kmeans_labels
+    from gpual.acquisition.clustering import kmeans_labels
 
     g = torch.Generator(device=cuda.device).manual_seed(0)
     stats = _stats_to(_pool(_batches(3), torch.device("cpu")), cuda.device)

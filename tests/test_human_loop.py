@@ -96,7 +96,7 @@ def test_answers_from_a_person_train_the_same_model_as_the_oracle(capsys, tmp_pa
     """Same seed and config: answers given through the label store from ground truth, on a
     pool gpual cannot see the labels of, give the oracle's round exactly (query, model, mIoU)."""
     from gpual.backend import cpu_backend
-    from gpual.loop import LoopOptions, run_loop
+    from gpual.active_loop import LoopOptions, run_loop
 
     labelled, unlabelled = scenes
     oracle = Workspace.open(_init(capsys, tmp_path / "oracle", labelled))
@@ -114,7 +114,7 @@ def test_answers_from_a_person_train_the_same_model_as_the_oracle(capsys, tmp_pa
 
 def test_partial_round_trains_and_its_unanswered_regions_return_to_the_pool(capsys, tmp_path: Path,
                                                                           scenes: tuple[Path, Path]) -> None:
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
 
     labelled, unlabelled = scenes

@@ -37,7 +37,7 @@ SCALE = 0.5  # stored 96x64, working 48x32: exports are at the stored size, answ
 def base(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """Synthetic scenes at scale 0.5 with round 0 selected; one label has a void block, so
     some queried regions are all void."""
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.superpixels import build_cache
@@ -463,16 +463,17 @@ def test_camvid_rounds_through_import_match_the_oracle(capsys, camvid_root: Path
     """Rounds 0-1 on 6 unlabelled CamVid images, labelled only through `gpual import` (masks
     made from the real ground truth), give the same round-1 query and val mIoU as the same
     rounds labelled by the simulated oracle over a labelled copy."""
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.evaluation import evaluate
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
-    from gpual.training import torch_device, train_round
+    from gpual.backend import resolve_device
+    from gpual.training.loop import train_round
 
     started = time.perf_counter()
-    cpu, backend = torch_device("cpu"), cpu_backend()
+    cpu, backend = resolve_device("cpu"), cpu_backend()
     overrides = {"data": {"dataset": "camvid", "scale": 0.25}, "superpixels": {"region_pixels": 50},
                  "train": {"epochs_per_round": 1, "num_workers": 0}, "acquisition": {"init_budget": 60, "budget": 30}}
     workspaces = {}

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from cli_runner import run_cli
-from gpual import clustering
-from gpual.acquisition import acquire
+from gpual.acquisition import clustering
+from gpual.acquisition.select import acquire
 from gpual.backend import cpu_backend
 from gpual.config import make_config
-from gpual.loop import rounds_summary
+from gpual.active_loop import rounds_summary
 from gpual.oracle import label_round
 from gpual.superpixels import build_cache, load_superpixels, read_index
-from gpual.training import train_round
+from gpual.training.loop import train_round
 from gpual.workspace import Workspace
 
 CPU = torch.device("cpu")

@@ -71,7 +71,7 @@ def test_entropy_is_in_bits() -> None:
     probs = torch.tensor([[0.9, 0.5], [0.1, 0.5]]).view(1, 2, 1, 2)
     index, _ = push_candidates(probs, torch.zeros(1, 1, 2, dtype=torch.long), per_image=1)
     assert index.tolist() == [1]
-    from gpual.pooling import pixel_entropy
+    from gpual.acquisition.pooling import pixel_entropy
 
     assert pixel_entropy(torch.tensor([0.5, 0.5]), dim=0).item() == pytest.approx(1.0)
     assert pixel_entropy(torch.tensor([0.9, 0.1]), dim=0).item() == pytest.approx(-(0.9 * math.log2(0.9) + 0.1 * math.log2(0.1)))

@@ -150,9 +150,9 @@ def test_imagenet_weights_come_from_torchvisions_cache(tmp_path: Path, monkeypat
 def test_checkpoint_meta_never_downloads_again() -> None:
     """A trained model's meta drops backbone_weights: loading it reads the checkpoint only."""
     from gpual.config import make_config
-    from gpual.training import _model_meta
+    from gpual.training.checkpoints import model_meta
 
     config = make_config("paper")
     assert config.model.backbone_weights == "imagenet"
-    meta = _model_meta(config, 3, ["a", "b", "c"])
+    meta = model_meta(config, 3, ["a", "b", "c"])
     assert meta["model"]["backbone_weights"] == "" and meta["model"]["backbone_checkpoint"] == ""

@@ -44,7 +44,7 @@ def test_reveal_pixel_and_dominant() -> None:
 @pytest.fixture(scope="module")
 def selected_ws(tmp_path_factory: pytest.TempPathFactory):
     """A tiny synthetic workspace with superpixels and a random round-0 query."""
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.superpixels import build_cache

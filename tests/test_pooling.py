@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpual.errors import GpualError
-from gpual.pooling import RegionPooler, bald_information, pixel_entropy
+from gpual.acquisition.pooling import RegionPooler, bald_information, pixel_entropy
 
 
 def _batch(g: torch.Generator, regions_per_image: list[int], offsets: list[int], c: int, d: int, h: int, w: int,
@@ -256,7 +256,7 @@ def test_class_votes_count_each_pixels_most_probable_class() -> None:
 
 
 def test_top_two_equals_topk_ties_included() -> None:
-    from gpual.pooling import top_two
+    from gpual.acquisition.pooling import top_two
 
     g = torch.Generator().manual_seed(3)
     probs = torch.softmax(torch.randn(2, 11, 5, 6, generator=g), dim=1)

@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpual.errors import GpualError
-from gpual.ranking import cluster_argmax, select_per_cluster, stable_argsort, top_k
+from gpual.acquisition.ranking import cluster_argmax, select_per_cluster, stable_argsort, top_k
 
 
 def _naive_argmax(scores: np.ndarray, clusters: np.ndarray, k: int) -> np.ndarray:
@@ -81,7 +80,7 @@ def test_select_per_cluster_hand_case() -> None:
 
 def test_select_per_cluster_budget_bounds() -> None:
     scores = np.zeros(3, dtype=np.float32)
-    with pytest.raises(GpualError, match="budget of 4 regions .* 3 candidate"):
+    with pytest.raises(ValueError, match="budget of 4 regions .* 3 candidate"):
         select_per_cluster(scores, np.zeros(3, dtype=np.int64), 1, 4)
 
 
@@ -93,7 +92,7 @@ def test_top_k_ties_lowest_index_first() -> None:
     rng = np.random.default_rng(7)
     many = rng.integers(0, 3, 500).astype(np.float32)
     assert top_k(many, 200).tolist() == _order(many, range(500))[:200]
-    with pytest.raises(GpualError, match="7 regions .* 6 candidate"):
+    with pytest.raises(ValueError, match="7 regions .* 6 candidate"):
         top_k(scores, 7)
 
 
@@ -104,7 +103,7 @@ def test_stable_argsort_descending_keeps_index_order() -> None:
 
 
 def test_rank_in_cluster_and_priority_in_turns() -> None:
-    from gpual.ranking import cluster_priority, rank_in_cluster
+    from gpual.acquisition.ranking import cluster_priority, rank_in_cluster
 
     scores = np.array([0.2, 0.9, 0.9, 0.1, 0.5, 0.5, 0.3], dtype=np.float32)
     clusters = np.array([0, 0, 0, 3, 3, 1, 0])
@@ -118,12 +117,12 @@ def test_rank_in_cluster_and_priority_in_turns() -> None:
     # select_per_cluster takes the first `budget` of that order, best score first.
     assert select_per_cluster(scores, clusters, 4, 5, depth=2).tolist() == [1, 2, 4, 5, 3]
     assert select_per_cluster(scores, clusters, 4, 5).tolist() == [1, 2, 4, 5, 6]
-    with pytest.raises(GpualError, match="depth = 0"):
+    with pytest.raises(ValueError, match="depth = 0"):
         cluster_priority(scores, clusters, depth=0)
 
 
 def test_within_pixels_takes_the_ranked_prefix_that_fits() -> None:
-    from gpual.ranking import most_within_pixels, within_pixels
+    from gpual.acquisition.ranking import most_within_pixels, within_pixels
 
     pixels = np.array([100, 400, 50, 200, 300], dtype=np.int64)
     order = np.array([1, 3, 0, 2, 4], dtype=np.int64)  # 400, 600, 700, 750, 1050 pixels
@@ -134,12 +133,12 @@ def test_within_pixels_takes_the_ranked_prefix_that_fits() -> None:
     assert within_pixels(order[:0], pixels, 5).tolist() == []
     assert most_within_pixels(pixels, 360) == 3  # 50 + 100 + 200
     assert most_within_pixels(pixels, 10) == 1 and most_within_pixels(pixels, 10_000) == 5
-    with pytest.raises(GpualError, match="must be positive"):
+    with pytest.raises(ValueError, match="must be positive"):
         within_pixels(order, pixels, 0)
 
 
 def test_class_balance_weights_are_exp_of_minus_the_labelled_share() -> None:
-    from gpual.ranking import class_balance_weights, class_balanced
+    from gpual.acquisition.ranking import class_balance_weights, class_balanced
 
     predicted = np.array([0, 1, 2, 0])
     class_pixels = np.array([600.0, 300.0, 100.0])  # shares 0.6, 0.3, 0.1
@@ -153,5 +152,5 @@ def test_class_balance_weights_are_exp_of_minus_the_labelled_share() -> None:
     assert class_balance_weights(predicted, np.zeros(3), 1.0).tolist() == [1.0] * 4  # nothing labelled yet
     scores = np.array([10.0, 10.0, 10.0, 1.0], dtype=np.float32)
     np.testing.assert_array_equal(class_balanced(scores, predicted, class_pixels, 1.0), scores * want)
-    with pytest.raises(GpualError, match="must not be negative"):
+    with pytest.raises(ValueError, match="must not be negative"):
         class_balance_weights(predicted, class_pixels, -1.0)

@@ -418,7 +418,7 @@ def test_lock_sweeps_only_atomic_temporaries(capsys, tmp_path, scenes) -> None:
 
 def test_label_of_another_size_says_to_fix_the_label(tmp_path, scenes) -> None:
     from gpual.datasets import load_pair, open_dataset
-    from gpual.training import _ImageTargets
+    from gpual.training.data import ImageTargets
 
     data = own_data(tmp_path, scenes)
     spec = open_dataset("folder", data)
@@ -429,7 +429,7 @@ def test_label_of_another_size_says_to_fix_the_label(tmp_path, scenes) -> None:
     assert "superpixels" not in str(info.value)
     from gpual.datasets import read_label
 
-    targets = _ImageTargets([sample.image], [read_label(spec, sample.label)], 1.0, [sample.label])
+    targets = ImageTargets([sample.image], [read_label(spec, sample.label)], 1.0, [sample.label])
     with pytest.raises(GpualError, match="fix or replace it") as info:
         targets[0]
     assert str(sample.label) in str(info.value) and "superpixels" not in str(info.value)

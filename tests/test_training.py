@@ -26,7 +26,7 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def labeled_workspace(root: Path, scenes: Path, budget: int = 60) -> Workspace:
     """Demo preset on the scenes, superpixels, a random round-0 query of ``budget`` regions, labeled."""
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.oracle import label_round
@@ -41,7 +41,7 @@ def labeled_workspace(root: Path, scenes: Path, budget: int = 60) -> Workspace:
 
 @pytest.fixture(scope="module")
 def trained_ws(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> tuple[Workspace, dict]:
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
 
     ws = labeled_workspace(tmp_path_factory.mktemp("trained") / "ws", scenes)
     return ws, train_round(ws, 0, CPU, epochs=2)
@@ -50,23 +50,23 @@ def trained_ws(tmp_path_factory: pytest.TempPathFactory, scenes: Path) -> tuple[
 # --- pieces -----------------------------------------------------------------------------
 
 
-def test_torch_device() -> None:
-    from gpual.training import torch_device
+def test_resolve_device() -> None:
+    from gpual.backend import resolve_device
 
-    assert torch_device("cpu") == CPU
-    assert torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(GpualError, match="not one of") as err:
-        torch_device("tpu")
+        resolve_device("tpu")
     assert err.value.exit_code == 2
     if not torch.cuda.is_available():
         with pytest.raises(GpualError, match="--device cuda") as err:
-            torch_device("cuda")
+            resolve_device("cuda")
         assert err.value.exit_code == 2
 
 
 def test_random_hflip_flips_image_and_target_together() -> None:
     from gpual.loading import pad_collate
-    from gpual.training import random_hflip
+    from gpual.training.data import random_hflip
 
     images = torch.arange(4 * 2 * 3 * 3, dtype=torch.uint8).reshape(4, 2, 3, 3)
     targets = images[..., 0].clone()
@@ -90,7 +90,7 @@ def test_a_few_steps_lower_the_loss_and_raise_miou(scenes: Path) -> None:
     from gpual.metrics import confusion_matrix, mean_iou
     from gpual.model import build_model, normalize
     from gpual.teacher import make_teacher
-    from gpual.training import Trainer, make_optimizer, train_step
+    from gpual.training.loop import Trainer, make_optimizer, train_step
 
     spec = open_dataset("folder", scenes)
     pairs = [load_pair(spec, s) for s in spec.samples("train")]
@@ -129,7 +129,7 @@ def test_ema_warmup_for_fresh_weights(scenes: Path) -> None:
     from gpual.memory_bank import MemoryBank
     from gpual.model import build_model
     from gpual.teacher import make_teacher
-    from gpual.training import Trainer, make_optimizer, train_step
+    from gpual.training.loop import Trainer, make_optimizer, train_step
 
     config = make_config("cpu-small")  # ema_decay 0.99
     spec = open_dataset("folder", scenes)
@@ -165,7 +165,7 @@ def test_ema_warmup_for_fresh_weights(scenes: Path) -> None:
 
 def test_train_round_writes_checkpoint_and_evaluate_writes_miou(trained_ws) -> None:
     from gpual.evaluation import evaluate
-    from gpual.training import load_bank, load_checkpoint, load_teacher
+    from gpual.training.checkpoints import load_bank, load_checkpoint, load_teacher
 
     ws, summary = trained_ws
     assert ws.checkpoint_path(0).exists() and not ws.resume_path(0).exists()
@@ -198,7 +198,7 @@ def test_train_round_writes_checkpoint_and_evaluate_writes_miou(trained_ws) -> N
     assert ws.round_state(0).evaluated
     with pytest.raises(GpualError, match="split 'test' not found"):
         evaluate(ws, 0, "test", CPU)
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
 
     with pytest.raises(GpualError, match="already exists"):
         train_round(ws, 0, CPU)
@@ -219,7 +219,8 @@ def _void_pixels(ws: Workspace) -> int:
 
 
 def test_interrupted_training_resumes_exactly(trained_ws, tmp_path: Path, scenes: Path) -> None:
-    from gpual.training import load_checkpoint, train_round
+    from gpual.training.checkpoints import load_checkpoint
+    from gpual.training.loop import train_round
 
     reference, _ = trained_ws
     ws = labeled_workspace(tmp_path / "ws", scenes)
@@ -249,11 +250,12 @@ def test_interrupted_training_resumes_exactly(trained_ws, tmp_path: Path, scenes
 
 
 def test_next_round_continues_from_the_last_one(trained_ws) -> None:
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.model import build_model
     from gpual.oracle import label_round
-    from gpual.training import load_checkpoint, train_round
+    from gpual.training.checkpoints import load_checkpoint
+    from gpual.training.loop import train_round
 
     ws, _ = trained_ws
     round0 = ws.read_labeled(0)
@@ -286,7 +288,7 @@ def test_full_reference_trains_and_evaluates(trained_ws) -> None:
     import json
 
     from gpual.evaluation import evaluate
-    from gpual.training import train_full
+    from gpual.training.loop import train_full
 
     ws, _ = trained_ws
     summary = train_full(ws, CPU, epochs=1)
@@ -299,7 +301,8 @@ def test_full_reference_trains_and_evaluates(trained_ws) -> None:
 def test_final_retraining_is_the_reference_but_for_the_labels(trained_ws, tmp_path: Path, scenes: Path) -> None:
     from gpual.evaluation import evaluate
     from gpual.superpixels import read_index
-    from gpual.training import load_checkpoint, train_final, train_full
+    from gpual.training.checkpoints import load_checkpoint
+    from gpual.training.loop import train_final, train_full
 
     # Fresh weights, its own folder: the round's model and metrics stay as they were.
     ws, _ = trained_ws
@@ -336,7 +339,7 @@ def test_final_retraining_is_the_reference_but_for_the_labels(trained_ws, tmp_pa
 
 def test_interrupted_final_retraining_resumes(tmp_path: Path, scenes: Path) -> None:
     from gpual.evaluation import evaluate
-    from gpual.training import train_final
+    from gpual.training.loop import train_final
 
     ws = labeled_workspace(tmp_path / "ws", scenes)
     run = ws.model_run(0, final=True)
@@ -359,7 +362,7 @@ def test_interrupted_final_retraining_resumes(tmp_path: Path, scenes: Path) -> N
 def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
     from gpual.config import make_config
     from gpual.evaluation import evaluate
-    from gpual.training import train_round
+    from gpual.training.loop import train_round
 
     ws = Workspace.create(tmp_path / "ws", make_config("demo", {"data": {"root": str(scenes), "dataset": "folder"}}))
     with pytest.raises(GpualError, match="no select step"):
@@ -370,7 +373,7 @@ def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
         evaluate(ws, 0, "val", CPU)
     with pytest.raises(GpualError, match="gpual train .* --full"):
         evaluate(ws, None, "val", CPU)
-    from gpual.training import train_final
+    from gpual.training.loop import train_final
 
     with pytest.raises(GpualError, match="no select step"):
         train_final(ws, 0, CPU)
@@ -382,7 +385,7 @@ def test_train_refuses_without_labels(tmp_path: Path, scenes: Path) -> None:
 
 
 def test_cli_label_train_evaluate(capsys, tmp_path: Path, scenes: Path) -> None:
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import cpu_backend
     from gpual.config import make_config
     from gpual.superpixels import build_cache

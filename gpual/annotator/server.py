@@ -140,9 +140,9 @@ class AnnotationSession:
         if len(query) == 0:
             raise GpualError(f"round {round}'s query is empty: nothing to annotate; select it again with "
                              f"`gpual select {ws.root} --round {round} --force`")
-        from gpual.training import torch_device
+        from gpual.backend import resolve_device
 
-        torch_device(device)  # a bad --device fails now, not at the first prediction
+        resolve_device(device)  # a bad --device fails now, not at the first prediction
         self.ws, self.round, self.device_name = ws, round, device
         data = ws.config.data
         spec = open_dataset(data.dataset, data.root)
@@ -308,9 +308,10 @@ class AnnotationSession:
         if self._teacher_error is not None:  # said once, not reloaded per image
             raise GpualError(self._teacher_error)
         if self._teacher is None:
-            from gpual.training import load_teacher, torch_device
+            from gpual.backend import resolve_device
+            from gpual.training.checkpoints import load_teacher
 
-            self._device = torch_device(self.device_name)
+            self._device = resolve_device(self.device_name)
             try:
                 teacher, _ = load_teacher(self.checkpoint, self._device)
             except GpualError as exc:

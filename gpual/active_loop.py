@@ -35,11 +35,11 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
     ``cluster`` (a :class:`gpual.distributed.DaskCluster`) runs the selection of rounds
     >= 1 on its workers; round 0 is random and needs none.
     """
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.evaluation import evaluate
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
-    from gpual.training import train_final, train_round
+    from gpual.training.loop import train_final, train_round
 
     from gpual.datasets import open_dataset
 

@@ -17,8 +17,7 @@ import numpy as np
 
 from gpual.backend import Backend
 from gpual.config import KMeansConfig
-from gpual.errors import GpualError
-from gpual.ranking import stable_argsort
+from gpual.acquisition.ranking import stable_argsort
 from gpual.seeding import KMEANS_GROUP, derive_seed
 
 
@@ -58,24 +57,22 @@ def kmeans_labels(backend: Backend, points: Any, k: int, cfg: KMeansConfig,
     Returns:
         ``xp`` (R,) int64 cluster label in [0, k) per region, on the backend's device.
 
-    Raises :class:`GpualError` when k is not in [1, R] (the budget cannot exceed the
-    candidates: KMeans needs at least one point per cluster).
+    Raises ValueError when k is not in [1, R] (KMeans needs at least one point per
+    cluster; :func:`gpual.acquisition.select.resolve_budget` keeps the user's budget within the
+    candidates) or the settings are out of range (:meth:`gpual.config.Config.validate`
+    refuses them in gpual.toml).
     """
     xp = backend.xp
     x = xp.ascontiguousarray(xp.asarray(points, dtype=xp.float32))
     if x.ndim != 2:
-        raise GpualError(f"KMeans expects 2-D points (regions, dims), got shape {tuple(x.shape)}")
+        raise ValueError(f"KMeans expects 2-D points (regions, dims), got shape {tuple(x.shape)}")
     n = x.shape[0]
     if k < 1:
-        raise GpualError(f"budget of {k} regions must be positive: raise --budget")
+        raise ValueError(f"KMeans: k = {k} clusters must be positive")
     if k > n:
-        raise GpualError(
-            f"budget of {k} regions (KMeans clusters) is larger than the {n} unlabeled candidate regions: lower --budget"
-        )
+        raise ValueError(f"KMeans: k = {k} clusters is more than the {n} points")
     if cfg.max_iter < 1 or cfg.n_init < 1:
-        raise GpualError(
-            f"config kmeans.max_iter = {cfg.max_iter} and kmeans.n_init = {cfg.n_init} must be at least 1: fix them in gpual.toml"
-        )
+        raise ValueError(f"KMeans: max_iter = {cfg.max_iter} and n_init = {cfg.n_init} must be at least 1")
     if resolve_levels(cfg.levels, n, k) == 2:
         return two_level_labels(backend, x, k, cfg, fit_predict)
     return _fit_predict(backend, x, k, cfg, fit_predict)

@@ -16,7 +16,6 @@ from typing import Any
 
 from array_api_compat import array_namespace, device
 
-from gpual.errors import GpualError
 
 
 def stable_argsort(x: Any, *, descending: bool = False) -> Any:
@@ -48,11 +47,11 @@ def cluster_argmax(scores: Any, clusters: Any, k: int) -> Any:
     xp = array_namespace(scores, clusters)
     n = scores.shape[0]
     if clusters.shape != (n,) or scores.ndim != 1:
-        raise GpualError(
+        raise ValueError(
             f"cluster_argmax: scores {tuple(scores.shape)} and clusters {tuple(clusters.shape)} must be 1-D of one length"
         )
     if k < 1:
-        raise GpualError(f"cluster_argmax: k = {k} clusters must be positive")
+        raise ValueError(f"cluster_argmax: k = {k} clusters must be positive")
     ids = xp.arange(k, dtype=xp.int64, device=device(scores))
     if n == 0:
         return xp.full(k, -1, dtype=xp.int64, device=device(scores))
@@ -75,7 +74,7 @@ def rank_in_cluster(scores: Any, clusters: Any) -> Any:
     xp = array_namespace(scores, clusters)
     n = scores.shape[0]
     if clusters.shape != (n,) or scores.ndim != 1:
-        raise GpualError(
+        raise ValueError(
             f"rank_in_cluster: scores {tuple(scores.shape)} and clusters {tuple(clusters.shape)} must be 1-D of one length"
         )
     clusters = xp.astype(clusters, xp.int64)
@@ -99,7 +98,7 @@ def cluster_priority(scores: Any, clusters: Any, depth: int = 1) -> Any:
     """
     xp = array_namespace(scores, clusters)
     if depth < 1:
-        raise GpualError(f"cluster_priority: depth = {depth} turns must be at least 1")
+        raise ValueError(f"cluster_priority: depth = {depth} turns must be at least 1")
     turn = xp.minimum(rank_in_cluster(scores, clusters), depth)  # depth = "the rest"
     by_score = stable_argsort(scores, descending=True)
     return xp.astype(xp.take(by_score, stable_argsort(xp.take(turn, by_score))), xp.int64)
@@ -124,12 +123,11 @@ def select_per_cluster(scores: Any, clusters: Any, k: int, budget: int, depth: i
         budget is below the number of winners, the best-scoring winners are kept. The
         result is ordered by descending score, ties by lowest index.
     """
-    xp = array_namespace(scores, clusters)
     n = scores.shape[0]
     if not 1 <= budget <= n:
-        raise GpualError(f"budget of {budget} regions must lie between 1 and the {n} candidate regions: lower --budget")
+        raise ValueError(f"budget of {budget} regions must lie between 1 and the {n} candidate regions")
     if k < 1:
-        raise GpualError(f"select_per_cluster: k = {k} clusters must be positive")
+        raise ValueError(f"select_per_cluster: k = {k} clusters must be positive")
     return by_descending_score(scores, cluster_priority(scores, clusters, depth)[:budget])
 
 
@@ -156,7 +154,7 @@ def within_pixels(order: Any, pixels: Any, budget_pixels: int) -> Any:
     """
     xp = array_namespace(order, pixels)
     if budget_pixels < 1:
-        raise GpualError(f"a pixel budget of {budget_pixels} pixels must be positive: raise acquisition.budget_pixels")
+        raise ValueError(f"a pixel budget of {budget_pixels} pixels must be positive")
     if order.shape[0] == 0:
         return order
     spent = xp.cumulative_sum(xp.astype(xp.take(pixels, order), xp.int64))
@@ -168,7 +166,6 @@ def most_within_pixels(pixels: Any, budget_pixels: int) -> int:
     """The most regions any selection within ``budget_pixels`` can hold: as many of the
     smallest as fit (at least 1, at most all). A bound for greedy strategies that pick one
     region at a time (coreset)."""
-    xp = array_namespace(pixels)
     n = pixels.shape[0]
     if n == 0:
         return 0
@@ -196,9 +193,9 @@ def class_balance_weights(predicted: Any, class_pixels: Any, exponent: float) ->
     """
     xp = array_namespace(predicted, class_pixels)
     if exponent < 0:
-        raise GpualError(f"class_balance = {exponent} must not be negative (0 = off): fix acquisition.class_balance")
+        raise ValueError(f"class_balance = {exponent} must not be negative (0 = off)")
     if class_pixels.ndim != 1 or predicted.ndim != 1:
-        raise GpualError(f"class_balance_weights: predicted {tuple(predicted.shape)} and class_pixels "
+        raise ValueError(f"class_balance_weights: predicted {tuple(predicted.shape)} and class_pixels "
                          f"{tuple(class_pixels.shape)} must be 1-D")
     counts = xp.astype(class_pixels, xp.float64)
     share = counts / xp.maximum(xp.sum(counts), xp.asarray(1.0, dtype=xp.float64, device=device(counts)))
@@ -221,5 +218,5 @@ def top_k(scores: Any, k: int) -> Any:
     xp = array_namespace(scores)
     n = scores.shape[0]
     if not 0 <= k <= n:
-        raise GpualError(f"budget of {k} regions must lie between 0 and the {n} candidate regions: lower --budget")
+        raise ValueError(f"budget of {k} regions must lie between 0 and the {n} candidate regions")
     return xp.astype(stable_argsort(scores, descending=True)[:k], xp.int64)
