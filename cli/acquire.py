@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.main import DeviceOpt, RoundOpt, WorkspaceArg, cell, console, final_columns, workspace_path
+from cli.options import DeviceOpt, RoundOpt, WorkspaceArg, cell, console, final_columns, workspace_path
+from cli.progress import StepFactory, StepProgress, progress_bars
 from gpual.config import STRATEGIES
 from gpual.workspace import CONFIG_NAME, Workspace
 
@@ -27,22 +26,30 @@ BudgetOpt = typer.Option(None, "--budget", "-b", help="Regions to select this ro
 BudgetPixelsOpt = typer.Option(None, "--budget-pixels", help="Budget as a share of the pool's pixels, e.g. 1.5%.")
 
 
-@contextmanager
-def progress_bars() -> Iterator[Callable[[str], Callable[[int, int], None]]]:
-    """Yield ``factory(step) -> update(done, total)``: one rich bar per step."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bars:
-        tasks: dict[str, Any] = {}
+def _select_progress(bars: StepFactory, round: int, description: str) -> StepProgress:
+    """The progress of round ``round``'s selection: its teacher forward, in images."""
+    return bars(f"select round {round} (teacher forward)", unit="images", description=description)
 
-        def factory(step: str) -> Callable[[int, int], None]:
-            def update(done: int, total: int) -> None:
-                if step not in tasks:
-                    tasks[step] = bars.add_task(step, total=total)
-                bars.update(tasks[step], completed=done, total=total)
 
-            return update
+def _loop_progress(ws: Workspace, bars: StepFactory, rounds: int, final: Iterable[int] = ()) -> Callable[[str], StepProgress]:
+    """run_loop's ``progress(step)``: the step's bar (described as today: "select",
+    "train"), its log lines named with the round it works on. run_loop finishes rounds in
+    order, so that round is the first one the step has not finished yet."""
 
-        yield factory
+    def first(done: Callable[[int], bool], candidates: Iterable[int]) -> int | None:
+        return next((r for r in candidates if not done(r)), None)
+
+    def factory(step: str) -> StepProgress:
+        if step == "select":
+            r = first(lambda r: ws.query_path(r).exists(), range(rounds))
+            return _select_progress(bars, r, step) if r is not None else bars(step, unit="images")
+        if step in ("train", "final"):
+            is_final = step == "final"
+            r = first(lambda r: ws.model_run(r, is_final).checkpoint.exists(), sorted(set(final)) if is_final else range(rounds))
+            return bars(step if r is None else f"train {ws.model_run(r, is_final).label}", description=step)
+        return bars(step, unit="images" if step == "superpixels" else "steps")
+
+    return factory
 
 
 def select(
@@ -64,16 +71,17 @@ def select(
     --dask, --gpus or --dask-workers the teacher forward, pooling, UMAP transform and
     KMeans run on Dask workers; a worker lost meanwhile fails the round, writing nothing.
     """
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.backend import get_backend
     from gpual.distributed import cluster_for
 
     ws = Workspace.open(workspace_path(workspace))
     backend = get_backend(device)
-    with ws.lock("select"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars() as bars:
+    with ws.lock("select"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars(console) as bars:
         where = f" via {cluster.description}" if cluster is not None else ""
-        result = acquire(ws, round, backend, strategy, budget, budget_pixels, force, progress=bars("teacher forward"),
-                         cluster=cluster)
+        result = acquire(ws, round, backend, strategy, budget, budget_pixels, force,
+                         progress=_select_progress(bars, round, "teacher forward"), cluster=cluster,
+                         announce=lambda line: console.print(f"select round {round}: {line}", markup=False, highlight=False))
     manifest = result.manifest
     console.print(
         f"round {round}: {result.strategy} selected {result.budget} of {result.candidates} candidate regions "
@@ -93,7 +101,7 @@ def select(
 
 def _print_rounds(rows: list[dict[str, Any]]) -> None:
     extra = final_columns(rows)
-    table = Table("round", "strategy", "labeled regions", "labeled share", "mIoU", *extra, title="active learning")
+    table = Table("round", "strategy", "labelled regions", "labelled pixels (share of pool)", "mIoU", *extra, title="active learning")
     for row in rows:
         table.add_row(
             str(row["round"]),
@@ -156,14 +164,14 @@ def run(
     """
     from gpual.backend import get_backend
     from gpual.distributed import cluster_for
-    from gpual.loop import LoopOptions, run_loop
+    from gpual.active_loop import LoopOptions, run_loop
 
     ws = Workspace.open(workspace_path(workspace))
     backend = get_backend(device)
     start = time.perf_counter()
-    with ws.lock("run"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars() as bars:
+    with ws.lock("run"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars(console) as bars:
         options = LoopOptions(rounds, strategy, budget, budget_pixels, split, final=(rounds - 1,) if final else ())
-        rows = run_loop(ws, backend, options, _reporter, bars, cluster=cluster)
+        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, rounds, options.final), cluster=cluster)
     _print_rounds(rows)
     console.print(f"done in {time.perf_counter() - start:.0f} s on {backend.name}; workspace {ws.root}")
 
@@ -186,7 +194,7 @@ def demo(
     trains on those answers (all of them, or the ones given before Done)."""
     from gpual.backend import get_backend
     from gpual.config import make_config
-    from gpual.loop import LoopOptions, run_loop
+    from gpual.active_loop import LoopOptions, run_loop
     from gpual.synthetic import make_scenes
 
     root = workspace_path(workspace)
@@ -198,8 +206,9 @@ def demo(
         ws = Workspace.create(root, make_config("demo", {"data": {"root": str(data.root.resolve()), "dataset": "folder"}}))
     backend = get_backend(device)
     console.print(f"demo: {len(data.samples('train'))} synthetic pool images, {data.num_classes} classes, workspace {ws.root}, {backend.name}")
-    with ws.lock("demo"), progress_bars() as bars:
-        rows = run_loop(ws, backend, LoopOptions(1 if annotate else rounds), _reporter, bars)
+    with ws.lock("demo"), progress_bars(console) as bars:
+        options = LoopOptions(1 if annotate else rounds)
+        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, options.rounds))
     if annotate:
         rows = _annotate_round_one(ws, backend, port, open_browser)
     _print_rounds(rows)
@@ -209,15 +218,15 @@ def demo(
 def _annotate_round_one(ws: Workspace, backend: Any, port: int, open_browser: bool) -> list[dict[str, Any]]:
     """Select round 1, serve it to a person, then train and evaluate on their answers."""
     from cli.annotate import report, serve
-    from gpual.acquisition import acquire
+    from gpual.acquisition.select import acquire
     from gpual.evaluation import evaluate
-    from gpual.loop import rounds_summary
-    from gpual.training import train_round
+    from gpual.active_loop import rounds_summary
+    from gpual.training.loop import train_round
 
     with ws.lock("demo --annotate"):
         if not ws.round_state(1).selected:
-            with progress_bars() as bars:
-                result = acquire(ws, 1, backend, progress=bars("select"))
+            with progress_bars(console) as bars:
+                result = acquire(ws, 1, backend, progress=_select_progress(bars, 1, "select"))
             _reporter(1, "select", {"strategy": result.strategy, "regions": result.budget, "notes": result.notes})
         state = ws.round_state(1)
         if not state.trained:
@@ -226,8 +235,9 @@ def _annotate_round_one(ws: Workspace, backend: Any, port: int, open_browser: bo
             if ws.round_state(1).answered == 0:
                 console.print(f"no answers given: run `gpual demo --annotate -w {ws.root}` again to label round 1")
                 return rounds_summary(ws, 2)
-            with progress_bars() as bars:
-                _reporter(1, "train", train_round(ws, 1, backend.device, partial=True, progress=bars("train"),
+            with progress_bars(console) as bars:
+                _reporter(1, "train", train_round(ws, 1, backend.device, partial=True,
+                                                  progress=bars(f"train {ws.model_run(1).label}", description="train"),
                                                   resume=ws.resume_path(1).exists()))
         if not ws.round_state(1).evaluated:
             _reporter(1, "evaluate", evaluate(ws, 1, ws.config.data.val_split, backend.device))

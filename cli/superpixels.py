@@ -5,11 +5,12 @@ import copy
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from cli.main import WorkspaceArg, console, workspace_path
+from cli.options import WorkspaceArg, console, workspace_path
+from cli.progress import progress_bars
 from gpual.config import SUPERPIXEL_METHODS
 from gpual.workspace import Workspace
 
@@ -48,9 +49,10 @@ def superpixels(
     columns = (TextColumn("superpixels"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), _ImagesPerSecond())
     with ws.lock("superpixels"):
         try:
-            with Progress(*columns, console=console, transient=True) as bar:
-                task = bar.add_task("superpixels", total=None)
-                summary = build_cache(ws, workers=workers, progress=lambda done, total: bar.update(task, completed=done, total=total))
+            with progress_bars(console, columns) as bars:
+                progress = bars("superpixels", unit="images")
+                progress.start()
+                summary = build_cache(ws, workers=workers, progress=progress)
         except BaseException:
             ws.config = saved  # the file was never touched; keep the object consistent with it
             raise

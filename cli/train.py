@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.main import RoundOpt, WorkspaceArg, console, workspace_path
+from cli.options import RoundOpt, WorkspaceArg, console, workspace_path
+from cli.progress import progress_bars
 from gpual.errors import GpualError
 from gpual.workspace import ModelRun, Workspace
 
@@ -73,26 +74,28 @@ def train(
     --round N --final: the final retraining on round N's labels from fresh weights, with the
     reference's schedule and seeds (same train.seed), into rounds/NNN/final/ (the paper's last stage, and the
     model whose mIoU over the reference's is the headline ratio).
+
+    Progress: a bar in a terminal; in a log (not a terminal) a line every 30 s with the
+    steps done, elapsed time and ETA (GPUAL_PROGRESS_SECONDS sets the seconds).
     """
-    from gpual.training import torch_device, train_final, train_full, train_round
+    from gpual.backend import resolve_device
+    from gpual.training.loop import train_final, train_full, train_round
 
     ws = Workspace.open(workspace_path(workspace))
     run = _model_run(ws, round, full, final, "train")
-    dev = torch_device(device)
+    dev = resolve_device(device)
     if run.round is not None:  # refuse before taking the lock or reading any image
         ws.require(run.round, "train", "train --final" if run.final else "train",
                    partial=partial or (run.final and ws.round_state(run.round).trained))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with ws.lock("train"), Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("training", total=None, loss="")
+    with ws.lock("train"), progress_bars(console, columns) as bars:
+        progress = bars(f"train {run.label}", description="training")
+        progress.start()
 
         def log(step: dict[str, Any]) -> None:
-            bar.update(task, description=f"epoch {step['epoch']}/{step['epochs']} batch {step['batch']}/{step['batches']}",
-                       loss=f"loss {step['loss']:.4f} (ce {step['ce']:.4f}, nce {step['nce']:.4f})")
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            progress.note(description=f"epoch {step['epoch']}/{step['epochs']} batch {step['batch']}/{step['batches']}",
+                          detail=f"loss {step['loss']:.4f} (ce {step['ce']:.4f}, nce {step['nce']:.4f})")
 
         options = dict(resume=resume, progress=progress, epochs=epochs, log=log)
         if run.round is None:
@@ -101,7 +104,7 @@ def train(
             summary = train_final(ws, run.round, dev, **options)
         else:
             summary = train_round(ws, run.round, dev, partial=partial, **options)
-    table = Table("epoch", "mean loss", title=f"{run.label}: {summary['images']} images, {summary['labeled_pixels']} labeled pixels")
+    table = Table("epoch", "mean loss", title=f"{run.label}: {summary['images']} images, {summary['labeled_pixels']:,} labelled pixels")
     for i, loss in enumerate(summary["loss_per_epoch"], 1):
         table.add_row(str(i), f"{loss:.4f}")
     console.print(table)
@@ -128,13 +131,13 @@ def evaluate(
     rounds/N/final/metrics.json with --final).
     """
     from gpual.evaluation import evaluate as run_evaluation
-    from gpual.training import torch_device
+    from gpual.backend import resolve_device
 
     if split not in ("val", "test"):
         raise GpualError(f"--split {split!r} is not val or test", 2)
     ws = Workspace.open(workspace_path(workspace))
     run = _model_run(ws, round, full, final, "evaluate")
-    dev = torch_device(device)
+    dev = resolve_device(device)
     with ws.lock("evaluate"):
         result = run_evaluation(ws, run.round, split, dev, final=run.final)
     table = Table("class", "IoU", title=f"{run.label} on '{result['split']}' ({result['images']} images)")
@@ -142,7 +145,9 @@ def evaluate(
         table.add_row(name, f"{iou:.4f}" if iou is not None else "-")
     table.add_row("[bold]mIoU[/]", f"[bold]{result['miou']:.4f}[/]")
     console.print(table)
-    console.print(f"pixel accuracy {result['pixel_accuracy']:.4f}; {result['seconds']:.1f} s on {result['device']}")
+    console.print(f"mIoU over {result['classes_averaged']} of {result['classes_total']} classes (the others are neither in "
+                  f"'{result['split']}' nor predicted); pixel accuracy {result['pixel_accuracy']:.4f}; "
+                  f"{result['seconds']:.1f} s on {result['device']}")
     if run.round is not None and not run.final:
         console.print(f"wrote {run.metrics}; next: gpual select {ws.root} --round {run.round + 1}")
     else:
