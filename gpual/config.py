@@ -53,139 +53,147 @@ KMEANS_LEVELS = (1, 2, "auto")
 UMAP_INITS = ("random", "spectral")
 
 
+def _key(default: Any, doc: str) -> Any:
+    """A config field with its one-line meaning (units included), which :func:`dump_config`
+    writes on the line above the key in gpual.toml."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass
 class DataConfig:
     """Where the images are and how they are read."""
 
-    root: str = ""
-    dataset: str = "camvid"
-    pool_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    root: str = _key("", "dataset root folder")
+    dataset: str = _key("camvid", "folder layout: camvid, segnet, cityscapes or folder (see README.md)")
+    pool_split: str = _key("train", "split whose images form the pool that active learning labels")
+    val_split: str = _key("val", "split `gpual evaluate --split val` reads")
+    test_split: str = _key("test", "split `gpual evaluate --split test` reads")
     # Working resolution as a factor of the stored images; superpixels, training,
     # acquisition and evaluation all run at this one resolution.
-    scale: float = 1.0
+    scale: float = _key(1.0, "working resolution, a factor of the files' size (0.5 = half width and height)")
 
 
 @dataclass
 class SuperpixelConfig:
     """Superpixel precomputation (docs/method.md: about 400 px per region by default)."""
 
-    method: str = "slic"
-    region_pixels: int = 400
-    compactness: float = 10.0
+    method: str = _key("slic", "slic (fast-slic) or seeds (OpenCV's SEEDS)")
+    region_pixels: int = _key(400, "target pixels per superpixel at the working scale")
+    compactness: float = _key(10.0, "SLIC compactness: higher gives rounder regions that follow edges less")
     # SEEDS block levels: 3 gives ~430 regions on a 360x480 CamVid frame (4 gives ~300).
-    seeds_levels: int = 3
-    seeds_iterations: int = 4
-    workers: int = 2
+    seeds_levels: int = _key(3, "SEEDS block levels")
+    seeds_iterations: int = _key(4, "SEEDS iterations")
+    workers: int = _key(2, "processes computing maps in parallel (`gpual superpixels --workers` overrides)")
 
 
 @dataclass
 class ModelConfig:
     """FCN in torchvision's ``fcn_resnet50`` layout plus the projection head."""
 
-    backbone: str = "resnet50"
-    backbone_weights: str = ""  # one of BACKBONE_WEIGHTS; the paper preset uses "imagenet"
-    backbone_checkpoint: str = ""  # a local torchvision ResNet state dict (overrides backbone_weights)
-    projection_dim: int = 128
-    projection_dropout: float = 0.1
+    backbone: str = _key("resnet50", "resnet18, resnet34 or resnet50")
+    # one of BACKBONE_WEIGHTS; the paper preset uses "imagenet"
+    backbone_weights: str = _key("", '"" = random initialisation, "imagenet" = torchvision\'s ImageNet weights')
+    backbone_checkpoint: str = _key("", "path of a local torchvision ResNet state dict (overrides backbone_weights)")
+    projection_dim: int = _key(128, "channels of the projection head's pixel embeddings")
+    projection_dropout: float = _key(0.1, "dropout rate inside the projection head")
 
 
 @dataclass
 class TrainConfig:
     """Optimiser and schedule (paper section 4.2)."""
 
-    batch_size: int = 5
-    epochs_per_round: int = 20
-    final_epochs: int = 60
-    lr: float = 5e-4
-    weight_decay: float = 2e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    hflip: bool = True
-    amp: bool = True
-    ema_decay: float = 0.99
-    reinit_each_round: bool = False
+    batch_size: int = _key(5, "images per training step")
+    epochs_per_round: int = _key(20, "epochs of each round's training")
+    final_epochs: int = _key(60, "epochs of the final retraining and of the full-supervision reference")
+    lr: float = _key(5e-4, "Adam learning rate")
+    weight_decay: float = _key(2e-4, "Adam weight decay")
+    beta1: float = _key(0.9, "Adam beta1")
+    beta2: float = _key(0.999, "Adam beta2")
+    hflip: bool = _key(True, "random horizontal flips of the training images")
+    amp: bool = _key(True, "float16 mixed precision (CUDA only; ignored on the CPU)")
+    ema_decay: float = _key(0.99, "the teacher's EMA decay per step, in [0, 1]")
+    reinit_each_round: bool = _key(False, "start each round from fresh weights instead of the previous round's")
     # Loader processes decoding images and superpixel maps. "auto": none on the CPU (the
     # model's compute has the cores), min(8, usable cores - 1) with CUDA, where loading
     # overlaps the device (CamVid pool on a 16-core H200 box: host wait 0.98 s with 0, 0.36 s with 8).
-    num_workers: int | str = "auto"
-    seed: int = 0
+    num_workers: int | str = _key("auto", 'loader processes, or "auto" (none on the CPU, up to 8 with CUDA)')
+    seed: int = _key(0, "seed of the initial weights, shuffles, flips, dropout and contrastive sampling")
 
 
 @dataclass
 class ContrastiveConfig:
     """InfoNCE with a per-class memory bank (paper section 3.2)."""
 
-    weight: float = 0.1  # lambda in L = L_CE + lambda * L_NCE; 0 is the no-contrastive ablation
-    temperature: float = 0.1
-    anchors_hard: int = 25
-    anchors_random: int = 25
-    negatives_hard: int = 512
-    negatives_random: int = 512
-    bank_size: int = 1000  # P_t, per class
-    bank_pixels_per_image: int = 10  # P_i, per class and image
+    # lambda in L = L_CE + lambda * L_NCE; 0 is the no-contrastive ablation
+    weight: float = _key(0.1, "lambda in L = L_CE + lambda * L_NCE (0 = no contrastive term)")
+    temperature: float = _key(0.1, "InfoNCE temperature")
+    anchors_hard: int = _key(25, "misclassified anchor pixels per class and batch")
+    anchors_random: int = _key(25, "further anchor pixels per class and batch, drawn at random")
+    negatives_hard: int = _key(512, "negatives per anchor most similar to it, from the other classes' banks")
+    negatives_random: int = _key(512, "further negatives per anchor, drawn at random")
+    bank_size: int = _key(1000, "memory bank vectors per class (P_t)")
+    bank_pixels_per_image: int = _key(10, "correctly classified pixels per class and image pushed into the bank (P_i)")
 
 
 @dataclass
 class AcquisitionConfig:
     """One acquisition round: budgets (in superpixels, or in pixels), strategy, oracle."""
 
-    strategy: str = "umap-kmeans-entropy"
-    init_budget: int = 1600
-    budget: int = 1600
-    region_score: str = "sum"  # one of REGION_SCORES
+    strategy: str = _key("umap-kmeans-entropy", "selection strategy of rounds 1 and later (round 0 is random)")
+    init_budget: int = _key(1600, "regions (superpixels) drawn at random in round 0")
+    budget: int = _key(1600, 'regions (superpixels) selected per round after round 0 (budget_unit = "regions")')
+    region_score: str = _key("sum", "how pixel entropies become a region's score: sum, mean or sqrt")  # REGION_SCORES
     # "regions": `budget` regions per round after round 0. "pixels": each round labels
     # `budget_pixels` of the pool's pixels (a share; regions taken in rank order until the
     # next one would pass it), whatever the regions' sizes, for every strategy; `budget` is
     # then not read (KMeans' k is the share converted to regions with the candidates' mean
     # size). Round 0 stays `init_budget` regions.
-    budget_unit: str = "regions"  # one of BUDGET_UNITS
-    budget_pixels: float = 0.01
+    budget_unit: str = _key("regions", '"regions" (budget) or "pixels" (budget_pixels) per round after round 0')
+    budget_pixels: float = _key(0.01, 'share of the pool\'s pixels per round with budget_unit = "pixels" (0.01 = 1%)')
     # Class-balanced weighting (after Cai et al., CVPR 2021): a region's score times
     # exp(-class_balance * f_c), f_c the share of the labelled pixels whose class is the
     # region's dominant predicted class c. 0 = off; 1 = their exp(-p) weight.
-    class_balance: float = 0.0
+    class_balance: float = _key(0.0, "class-balanced score weighting exp(-class_balance * f_c); 0 = off")
     # Clustering strategies: KMeans into ceil(clusters_per_budget x budget) clusters, and
     # the ranking takes each cluster's best region, then each one's second best, and so on
     # (1.0 = one region per cluster, the method). In (0, 1].
-    clusters_per_budget: float = 1.0
-    oracle: str = "pixel"
-    batch_size: int = 8
-    mc_passes: int = 10
-    overlays: int = 8
-    seed: int = 0
+    clusters_per_budget: float = _key(1.0, "KMeans clusters per budgeted region, in (0, 1] (1 = one region per cluster)")
+    oracle: str = _key("pixel", "simulated oracle (`gpual label`): pixel (ground truth per pixel) or dominant (one class)")
+    batch_size: int = _key(8, "images per forward batch when scoring the pool (and in evaluation)")
+    mc_passes: int = _key(10, "MC-dropout passes of the bald strategy")
+    overlays: int = _key(8, "overlay PNGs per round (rounds/NNN/overlays/, the most-queried images)")
+    seed: int = _key(0, "seed of the random strategy's draw and of MC dropout (varied per round)")
 
 
 @dataclass
 class UmapConfig:
     """UMAP fitted on the memory bank; same arguments for cuML and umap-learn."""
 
-    n_components: int = 2
-    n_neighbors: int = 15
-    min_dist: float = 0.1
-    random_state: int = 0
-    init: str = "random"  # one of UMAP_INITS
+    n_components: int = _key(2, "dimensions of the reduced embedding")
+    n_neighbors: int = _key(15, "UMAP n_neighbors (at least 2)")
+    min_dist: float = _key(0.1, "UMAP min_dist")
+    random_state: int = _key(0, "UMAP seed")
+    init: str = _key("random", "initial layout: random or spectral")  # one of UMAP_INITS
 
 
 @dataclass
 class KMeansConfig:
     """KMeans on the reduced region embeddings, k = the round's budget."""
 
-    max_iter: int = 300
-    n_init: int = 1
-    random_state: int = 0
-    init: str = "default"  # one of KMEANS_INITS
+    max_iter: int = _key(300, "iterations per run at most")
+    n_init: int = _key(1, "runs with different initial centres (the best is kept)")
+    random_state: int = _key(0, "KMeans seed")
+    init: str = _key("default", "initial centres: default (the library's own), k-means++ or random")  # KMEANS_INITS
     # Convergence tolerance as each library defines it (scikit-learn: centre movement
     # relative to the data's variance; cuML: relative change of the inertia); 1e-4 is both defaults.
-    tol: float = 1e-4
+    tol: float = _key(1e-4, "convergence tolerance, as each library defines it")
     # 1: one KMeans with k = the budget (the method). 2: KMeans into about sqrt(k) groups,
     # then each group into its share of the k clusters (in proportion to its regions, at
     # least one): an approximation of the flat clustering whose cost grows with
     # n * sqrt(k) instead of n * k, for pools of millions of regions. "auto": one level
-    # while regions x k <= gpual.clustering.TWO_LEVELS_ABOVE (1e9: a CamVid pool, 160k x
+    # while regions x k <= gpual.acquisition.clustering.TWO_LEVELS_ABOVE (1e9: a CamVid pool, 160k x
     # 1.6k, stays one level), two levels above (1M regions at a 1% budget, Cityscapes' 4M).
-    levels: int | str = "auto"
+    levels: int | str = _key("auto", '1 (flat), 2 (two-level, for millions of regions) or "auto"')
 
 
 @dataclass
@@ -368,6 +376,34 @@ def load_config(path: Path) -> Config:
     return _build(Config, merge_tables(Config().to_dict(), values), "").validate()
 
 
+CONFIG_HEADER = """\
+# The configuration of this gpual workspace, read by every gpual command: one table per
+# pipeline stage. Edit a value here (or pass --set TABLE.KEY=VALUE to `gpual init`); a key
+# left out takes its default. Documented in the gpual repository: every key, its default
+# and its meaning in gpual/config.py (one dataclass per table); what each stage does with
+# it in docs/method.md; an overview in README.md, section "Configuration".
+"""
+
+
 def dump_config(config: Config) -> str:
-    """The TOML text of ``config``, every key written out."""
-    return tomli_w.dumps(config.to_dict())
+    """The TOML text of ``config``, every key written out: a header saying what the file
+    is and where its keys are documented, each table's dataclass docstring above it and
+    each key's note (its field's ``doc``) on the line above the key. :func:`load_config` reads
+    it back to an equal config (comments are not values)."""
+    parts = [CONFIG_HEADER]
+    for section in dataclasses.fields(config):
+        table = getattr(config, section.name)
+        lines = ["", f"# {_first_line(type(table).__doc__)}", f"[{section.name}]"]
+        for item in dataclasses.fields(table):
+            assignment = tomli_w.dumps({item.name: getattr(table, item.name)}).rstrip("\n")
+            note = item.metadata.get("doc", "")
+            # Above the key, not beside it: a line `key = value` stays exactly that, for
+            # whoever edits the file by lines (sed, a script's str.replace).
+            lines.extend((f"# {note}", assignment) if note else (assignment,))
+        parts.append("\n".join(lines) + "\n")
+    return "".join(parts)
+
+
+def _first_line(doc: str | None) -> str:
+    """A docstring's first line, with reST's double backquotes as Markdown's single ones."""
+    return (doc or "").strip().splitlines()[0].replace("``", "`") if doc else ""

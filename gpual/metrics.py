@@ -46,6 +46,17 @@ def mean_iou(confusion: Tensor) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def averaged_classes(confusion: Tensor) -> int:
+    """How many classes :func:`mean_iou` averages: those in the ground truth or predicted
+    (a non-empty union); the others have no IoU and are left out."""
+    return sum(v is not None for v in iou_per_class(confusion))
+
+
+def classes_in_truth(confusion: Tensor) -> int:
+    """How many classes have at least one ground-truth pixel (a non-empty row)."""
+    return int((confusion.sum(1) > 0).sum())
+
+
 def pixel_accuracy(confusion: Tensor) -> float:
     """Correct labeled pixels / labeled pixels; NaN if no pixel is labeled."""
     total = int(confusion.sum())

@@ -12,7 +12,7 @@ Layout::
       rounds/NNN/answers.parquet  the label store: one row per answered region of round NNN,
       rounds/NNN/answers/*.png    whoever answered (see gpual.label_store)
       rounds/NNN/checkpoint.pt    student, teacher, memory bank after training round NNN
-      rounds/NNN/metrics.json     evaluation, labeled share, per-stage times
+      rounds/NNN/metrics.json     evaluation, labelled share, per-stage times
       rounds/NNN/final/           the final retraining on round NNN's labels (optional:
                                   `gpual train --round N --final`): checkpoint.pt, metrics.json
       full/                       the full-supervision reference (`gpual train --full`)

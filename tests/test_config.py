@@ -84,3 +84,35 @@ def test_parse_settings_reads_toml_values_into_nested_tables() -> None:
             parse_settings([bad])
     with pytest.raises(GpualError, match="already given a value"):
         parse_settings(["kmeans=1", "kmeans.max_iter=50"])
+
+
+@pytest.mark.parametrize("preset", [None, *preset_names()])
+def test_dumped_config_is_commented_and_loads_back_equal(tmp_path, preset: str | None) -> None:
+    import dataclasses
+    import tomllib
+
+    import tomli_w
+
+    # A root with characters TOML must escape, and every preset's values.
+    config = make_config(preset, {"data": {"root": '/data/my "scenes" #1 \\ été', "dataset": "folder"}})
+    text = dump_config(config)
+    path = tmp_path / "gpual.toml"
+    path.write_text(text)
+    assert load_config(path) == config
+    assert tomllib.loads(text) == config.to_dict()
+    lines = text.splitlines()
+    assert lines[0].startswith("# The configuration of this gpual workspace")
+    header = " ".join(lines[:5])
+    assert all(line.startswith("# ") for line in lines[:5])
+    assert "gpual/config.py" in header and "docs/method.md" in header and 'README.md, section "Configuration"' in header
+    for section in dataclasses.fields(config):
+        table = getattr(config, section.name)
+        at = lines.index(f"[{section.name}]")
+        assert lines[at - 1] == f"# {type(table).__doc__.strip().splitlines()[0].replace('``', '`')}"
+        for item in dataclasses.fields(table):
+            doc = item.metadata.get("doc")
+            assert doc, f"{section.name}.{item.name} has no doc for gpual.toml"
+            n = next(n for n, line in enumerate(lines) if line.startswith(f"{item.name} = ") and n > at)
+            # The note on the line above; the key's line is the assignment alone.
+            assert lines[n - 1] == f"# {doc}", lines[n]
+            assert lines[n] == tomli_w.dumps({item.name: getattr(table, item.name)}).rstrip("\n")
