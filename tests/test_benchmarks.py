@@ -15,7 +15,7 @@ import torch
 from gpual import atomic
 from gpual.config import make_config
 from gpual.errors import GpualError
-from gpual.strategies import settings_unread
+from gpual.acquisition.strategies import settings_unread
 from gpual.workspace import Workspace
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -211,7 +211,7 @@ def test_selection_timing_warms_up_on_a_subset_and_reports_every_stage() -> None
 def test_selection_timing_records_the_strategys_notes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweep row says when kmeans.levels = "auto" chose two levels (here by lowering the
     threshold: 6,000 x 60 is far below the real 1e9)."""
-    from gpual import clustering
+    from gpual.acquisition import clustering
     from gpual.backend import get_backend
 
     bench = _load("acquisition")
@@ -258,3 +258,30 @@ def test_kernel_profile_lists_the_costliest_ops_with_their_shares() -> None:
     names = {r["name"] for r in every}
     assert {r["name"] for r in rows} <= names and {"aten::mm", "aten::exp", "aten::sum"} <= names
     assert sum(r["share"] for r in every) == pytest.approx(1.0)
+
+
+def test_umap_bank_benchmark_writes_a_row_per_bank_size_on_the_bounded_umap_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """umap_bank.py at a tiny size: its JSON has the machine, the load averages and one row
+    per bank size with every selection stage, and each row's UMAP path, read from the fitted
+    reducer, is the precomputed-distances one, never umap-learn's per-pair exact path."""
+    import umap
+
+    bench = _load("umap_bank")
+    monkeypatch.setattr(sys.modules[bench.write_result.__module__], "RESULTS_DIR", tmp_path)
+    path = bench.main(["--sizes", "40,200", "--regions", "400", "--budget", "8"])
+    assert path.parent == tmp_path and path.name.startswith("umap_bank-cpu-")
+    payload = json.loads(path.read_text())
+    assert {"machine", "loadavg_start", "loadavg_end", "warmup_seconds", "target", "results"} <= set(payload)
+    assert "umap-learn" in payload["machine"]["versions"] and len(payload["loadavg_end"]) == 3
+    assert payload["dim"] == 128 and list(payload["warmup_seconds"]) == ["precomputed-distances"]
+    assert [row["bank"] for row in payload["results"]] == [40, 200]
+    for row in payload["results"]:
+        assert (row["umap_path"], row["reducer"]) == ("precomputed-distances", "ExactSmallBankUMAP")
+        assert row["regions"] == 400 and row["picked"] == 8
+        assert row["total"] == pytest.approx(sum(row[stage] for stage in bench.STAGES))
+        assert row["umap_fit"] > 0 and row["umap_transform"] > 0 and row["kmeans"] > 0
+        assert row["peak_rss_mb"] >= row["rss_start_mb"] > 0 and len(row["loadavg_start"]) == 3
+    # The path is read from the reducer's state: umap-learn's own small-data path is told apart.
+    bank = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    assert bench.umap_path(umap.UMAP(n_neighbors=5, n_epochs=5, random_state=0, n_jobs=1).fit(bank)) == "umap-exact"
