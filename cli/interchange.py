@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cli.main import RoundOpt, WorkspaceArg, console, workspace_path
+from cli.options import RoundOpt, WorkspaceArg, console, workspace_path
 from gpual.workspace import Workspace
 
 FORMAT_HELP = "label-studio, cvat or masks."
@@ -37,7 +37,10 @@ def export(
     from gpual.interchange import export_round
 
     ws = Workspace.open(workspace_path(workspace))
-    summary = export_round(ws, round, fmt, Path(out).expanduser(), document_root, force)
+    # Locked as import is: a `gpual select --force` (or an import) meanwhile would give an
+    # export of a query that is no longer the round's, refused later by its stamp.
+    with ws.lock("export"):
+        summary = export_round(ws, round, fmt, Path(out).expanduser(), document_root, force)
     console.print(f"round {round}: {summary.regions} queried regions of {summary.images} images exported as {fmt} to {summary.out}")
     info, back = summary.info, f"gpual import {ws.root} --round {round}"
     if fmt == "label-studio":

@@ -314,7 +314,10 @@ def write_overlays(ws: Workspace, round: int, index: pd.DataFrame, manifest: pd.
             picture = render_overlay(image, sp, np.asarray(regions[image_id], dtype=sp.dtype), earlier, legend)
             safe = str(image_id).replace("/", "__")
             path = folder / f"{rank:02d}_{safe}.png"
-            if not cv2.imwrite(str(path), picture):
+            ok, png = cv2.imencode(".png", picture)  # encoded here: a full disk is then Python's OSError, one line
+            if ok:
+                path.write_bytes(png.tobytes())
+            else:
                 raise GpualError(f"could not write {ws.overlay_dir(round) / path.name}: check that {ws.root} is writable "
                                  f"and has free space, then run `gpual select {ws.root} --round {round}` again")
     return top

@@ -184,7 +184,7 @@ class Workspace:
             raise os_error(exc, self.root) from None
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _take_lock(fd)
             except BlockingIOError:
                 holder = path.read_text().strip() or "another process"
                 raise GpualError(
@@ -235,6 +235,14 @@ class Workspace:
         removed: list[Path] = []
         for folder in folders:
             removed.extend(atomic.sweep(folder))
+        # A kill between writing a checkpoint and deleting its resume state leaves the
+        # state (hundreds of MB) beside a finished model: nothing would ever read it.
+        runs = [self.model_run(None)] + [self.model_run(r, final) for r in (self.rounds() if self.rounds_dir.is_dir() else [])
+                                        for final in (False, True)]
+        for run in runs:
+            if run.checkpoint.exists() and run.state.exists():
+                run.state.unlink()
+                removed.append(run.state)
         return removed
 
     # --- paths ------------------------------------------------------------------------
@@ -501,6 +509,20 @@ class Workspace:
             return open_dataset(self.config.data.dataset, self.config.data.root).has_labels(self.config.data.pool_split)
         except GpualError:
             return False
+
+
+def _take_lock(fd: int, tries: int = 10, pause_s: float = 0.01) -> None:
+    """The exclusive, non-blocking flock on ``fd``, tried ``tries`` times ``pause_s`` apart:
+    a ``gpual status`` probing the lock (a shared flock held for an instant) must not make
+    a starting command fail. BlockingIOError when another writer really holds it."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(pause_s)
 
 
 def _subfolders(folder: Path) -> list[Path]:

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cli_runner import run_cli
+from cli_runner import mount_namespace_or_skip, run_cli, works
 from gpual.errors import GpualError, os_error
 from gpual.workspace import Workspace
 
@@ -82,23 +81,6 @@ def own_data(tmp_path: Path, scenes: Path) -> Path:
 
 def pool_image(data: Path, i: int) -> Path:
     return sorted((data / "train" / "images").iterdir())[i]
-
-
-@lru_cache(maxsize=None)
-def works(*command: str) -> bool:
-    """Whether ``command`` runs here (namespaces and mounts may be refused in CI containers)."""
-    try:
-        return subprocess.run(list(command), capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def mount_namespace_or_skip() -> None:
-    if not shutil.which("unshare") or not works("unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"):
-        pytest.skip("needs `unshare -rm` with mount (a user + mount namespace): refused on this machine")
-
-
-# --- 1. stale superpixel maps -----------------------------------------------------------
 
 
 def test_replaced_image_refused_by_select_until_superpixels_recomputes_it(capsys, tmp_path, scenes) -> None:

@@ -113,3 +113,29 @@ def test_corrupt_table_is_a_clear_error(ws: Workspace) -> None:
     ws.query_path(0).write_bytes(b"not parquet")
     with pytest.raises(GpualError, match="unreadable"):
         ws.read_query(0)
+
+
+def test_a_status_probe_does_not_make_a_starting_writer_fail(ws: Workspace) -> None:
+    """`gpual status` probes the lock with a shared flock for an instant; a command taking
+    the lock then waits it out instead of refusing. A writer that really holds it is still
+    refused (one line)."""
+    import fcntl
+    import os
+    import threading
+
+    probe = os.open(ws.root / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    release = threading.Timer(0.03, fcntl.flock, (probe, fcntl.LOCK_UN))
+    release.start()
+    try:
+        with ws.lock("select"):
+            assert ws.holder() is not None
+    finally:
+        release.join()
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a writer that stays
+    try:
+        with pytest.raises(GpualError, match="is locked by"):
+            with ws.lock("select"):
+                pass
+    finally:
+        os.close(probe)

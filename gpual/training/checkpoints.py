@@ -43,8 +43,7 @@ def save_checkpoint(path: Path, t: Trainer, meta: dict[str, Any]) -> None:
     """Write student, teacher and memory bank (+ ``meta``) to ``path`` atomically."""
     state = {"format": CHECKPOINT_FORMAT, "student": t.student.state_dict(), "teacher": t.teacher.state_dict(),
              "bank": t.bank.state_dict(), "meta": meta}
-    with atomic.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic.save_torch(state, path)
 
 
 def save_resume_state(path: Path, t: Trainer, epochs_done: int, history: list[dict[str, Any]], fingerprint: str,
@@ -56,8 +55,7 @@ def save_resume_state(path: Path, t: Trainer, epochs_done: int, history: list[di
         "bank": t.bank.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
         "epoch": epochs_done, "history": history, "fingerprint": fingerprint, "meta": meta, "seconds": seconds,
     }
-    with atomic.atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic.save_torch(state, path)
 
 
 def read_state(path: Path, what: str, missing: str, mmap: bool = False) -> dict[str, Any]:
