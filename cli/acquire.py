@@ -81,7 +81,7 @@ def select(
         where = f" via {cluster.description}" if cluster is not None else ""
         result = acquire(ws, round, backend, strategy, budget, budget_pixels, force,
                          progress=_select_progress(bars, round, "teacher forward"), cluster=cluster,
-                         announce=lambda line: console.print(f"select round {round}: {line}", markup=False, highlight=False))
+                         announce=lambda line: _announce(round, line))
     manifest = result.manifest
     console.print(
         f"round {round}: {result.strategy} selected {result.budget} of {result.candidates} candidate regions "
@@ -112,6 +112,11 @@ def _print_rounds(rows: list[dict[str, Any]]) -> None:
             *((cell(row["final_miou"], ".4f"),) if extra else ()),
         )
     console.print(table)
+
+
+def _announce(round: int, line: str) -> None:
+    """A long stage of round ``round``'s selection starts (UMAP, KMeans): one plain line."""
+    console.print(f"select round {round}: {line}", markup=False, highlight=False)
 
 
 def _reporter(r: int, step: str, info: dict[str, Any]) -> None:
@@ -171,7 +176,8 @@ def run(
     start = time.perf_counter()
     with ws.lock("run"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars(console) as bars:
         options = LoopOptions(rounds, strategy, budget, budget_pixels, split, final=(rounds - 1,) if final else ())
-        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, rounds, options.final), cluster=cluster)
+        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, rounds, options.final), cluster=cluster,
+                        announce=_announce)
     _print_rounds(rows)
     console.print(f"done in {time.perf_counter() - start:.0f} s on {backend.name}; workspace {ws.root}")
 
@@ -208,7 +214,7 @@ def demo(
     console.print(f"demo: {len(data.samples('train'))} synthetic pool images, {data.num_classes} classes, workspace {ws.root}, {backend.name}")
     with ws.lock("demo"), progress_bars(console) as bars:
         options = LoopOptions(1 if annotate else rounds)
-        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, options.rounds))
+        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, options.rounds), announce=_announce)
     if annotate:
         rows = _annotate_round_one(ws, backend, port, open_browser)
     _print_rounds(rows)

@@ -28,10 +28,11 @@ class LoopOptions:
 
 def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Reporter | None = None,
              progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
-             cluster: Any | None = None) -> list[dict[str, Any]]:
+             cluster: Any | None = None, announce: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
     """Finish rounds ``0 .. options.rounds-1``; returns one summary row per round.
 
-    ``progress(step)`` may return a callback ``(done, total)`` for that step's progress bar.
+    ``progress(step)`` may return a callback ``(done, total)`` for that step's progress bar;
+    ``announce(round, line)`` is told before each long stage of a selection (UMAP, KMeans).
     ``cluster`` (a :class:`gpual.distributed.DaskCluster`) runs the selection of rounds
     >= 1 on its workers; round 0 is random and needs none.
     """
@@ -60,7 +61,8 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
             result = acquire(ws, r, backend, strategy=options.strategy if r > 0 else None,
                              budget=options.budget if r > 0 else None,
                              budget_pixels=options.budget_pixels if r > 0 else None,
-                             progress=progress("select"), cluster=cluster if r > 0 else None)
+                             progress=progress("select"), cluster=cluster if r > 0 else None,
+                             announce=(lambda line, r=r: announce(r, line)) if announce else None)
             report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings,
                                  "notes": result.notes})
         if not state.labeled and not oracle:

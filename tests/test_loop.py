@@ -165,4 +165,6 @@ def test_run_resumes_and_force_reselects(capsys, monkeypatch, tmp_path: Path, sc
     r = run_cli(capsys, "select", ws_root, "--round", "1", "--strategy", "kmeans-entropy", "--force")
     assert r.code == 0, r.err
     assert "note: KMeans in two levels" in r.out
+    # a long stage is announced before it runs, so a log shows what the select is doing
+    assert "select round 1: KMeans: " in r.out and " in two levels" in r.out
     assert any("two levels" in note for note in Workspace.open(ws_root).read_metrics(1)["acquisition"]["notes"])
