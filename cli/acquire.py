@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +31,16 @@ def _select_progress(bars: StepFactory, round: int, description: str) -> StepPro
     return bars(f"select round {round} (teacher forward)", unit="images", description=description)
 
 
-def _loop_progress(ws: Workspace, bars: StepFactory, rounds: int, final: Iterable[int] = ()) -> Callable[[str], StepProgress]:
-    """run_loop's ``progress(step)``: the step's bar (described as today: "select",
-    "train"), its log lines named with the round it works on. run_loop finishes rounds in
-    order, so that round is the first one the step has not finished yet."""
+def _loop_progress(ws: Workspace, bars: StepFactory) -> Callable[[str, int | None], StepProgress]:
+    """run_loop's ``progress(step, round)``: the step's bar (described as "select", "train"),
+    its log lines named with the round it works on."""
 
-    def first(done: Callable[[int], bool], candidates: Iterable[int]) -> int | None:
-        return next((r for r in candidates if not done(r)), None)
-
-    def factory(step: str) -> StepProgress:
-        if step == "select":
-            r = first(lambda r: ws.query_path(r).exists(), range(rounds))
-            return _select_progress(bars, r, step) if r is not None else bars(step, unit="images")
-        if step in ("train", "final"):
-            is_final = step == "final"
-            r = first(lambda r: ws.model_run(r, is_final).checkpoint.exists(), sorted(set(final)) if is_final else range(rounds))
-            return bars(step if r is None else f"train {ws.model_run(r, is_final).label}", description=step)
-        return bars(step, unit="images" if step == "superpixels" else "steps")
+    def factory(step: str, round: int | None) -> StepProgress:
+        if step == "select" and round is not None:
+            return _select_progress(bars, round, step)
+        if step in ("train", "final") and round is not None:
+            return bars(f"train {ws.model_run(round, step == 'final').label}", description=step)
+        return bars(step, unit="images" if step in ("superpixels", "select") else "steps")
 
     return factory
 
@@ -176,7 +169,7 @@ def run(
     start = time.perf_counter()
     with ws.lock("run"), cluster_for(backend, dask, gpus, dask_workers) as cluster, progress_bars(console) as bars:
         options = LoopOptions(rounds, strategy, budget, budget_pixels, split, final=(rounds - 1,) if final else ())
-        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, rounds, options.final), cluster=cluster,
+        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars), cluster=cluster,
                         announce=_announce)
     _print_rounds(rows)
     console.print(f"done in {time.perf_counter() - start:.0f} s on {backend.name}; workspace {ws.root}")
@@ -214,7 +207,7 @@ def demo(
     console.print(f"demo: {len(data.samples('train'))} synthetic pool images, {data.num_classes} classes, workspace {ws.root}, {backend.name}")
     with ws.lock("demo"), progress_bars(console) as bars:
         options = LoopOptions(1 if annotate else rounds)
-        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars, options.rounds), announce=_announce)
+        rows = run_loop(ws, backend, options, _reporter, _loop_progress(ws, bars), announce=_announce)
     if annotate:
         rows = _annotate_round_one(ws, backend, port, open_browser)
     _print_rounds(rows)

@@ -27,11 +27,12 @@ class LoopOptions:
 
 
 def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Reporter | None = None,
-             progress: Callable[[str], Callable[[int, int], None] | None] | None = None,
+             progress: Callable[[str, int | None], Callable[[int, int], None] | None] | None = None,
              cluster: Any | None = None, announce: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
     """Finish rounds ``0 .. options.rounds-1``; returns one summary row per round.
 
-    ``progress(step)`` may return a callback ``(done, total)`` for that step's progress bar;
+    ``progress(step, round)`` (round None for superpixels) may return a callback ``(done,
+    total)`` for that step's progress bar;
     ``announce(round, line)`` is told before each long stage of a selection (UMAP, KMeans).
     ``cluster`` (a :class:`gpual.distributed.DaskCluster`) runs the selection of rounds
     >= 1 on its workers; round 0 is random and needs none.
@@ -45,9 +46,9 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
     from gpual.datasets import open_dataset
 
     report = report or (lambda r, s, i: None)
-    progress = progress or (lambda step: None)
+    progress = progress or (lambda step, round: None)
     if not (ws.superpixel_dir / "index.parquet").exists():
-        summary = build_cache(ws, progress=progress("superpixels"))
+        summary = build_cache(ws, progress=progress("superpixels", None))
         report(-1, "superpixels", vars(summary))
     split = options.split or ws.config.data.val_split
     spec = open_dataset(ws.config.data.dataset, ws.config.data.root)
@@ -61,7 +62,7 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
             result = acquire(ws, r, backend, strategy=options.strategy if r > 0 else None,
                              budget=options.budget if r > 0 else None,
                              budget_pixels=options.budget_pixels if r > 0 else None,
-                             progress=progress("select"), cluster=cluster if r > 0 else None,
+                             progress=progress("select", r), cluster=cluster if r > 0 else None,
                              announce=(lambda line, r=r: announce(r, line)) if announce else None)
             report(r, "select", {"strategy": result.strategy, "regions": result.budget, "timings_s": result.timings,
                                  "notes": result.notes})
@@ -72,7 +73,7 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
         if not state.labeled:
             report(r, "label", label_round(ws, r))
         if not state.trained:
-            info = train_round(ws, r, backend.device, resume=ws.resume_path(r).exists(), progress=progress("train"))
+            info = train_round(ws, r, backend.device, resume=ws.resume_path(r).exists(), progress=progress("train", r))
             report(r, "train", info)
         if not state.evaluated and scored:
             info = evaluate(ws, r, split, backend.device)
@@ -80,7 +81,7 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
     for r in sorted(set(options.final)):
         run = ws.model_run(r, final=True)
         if not run.checkpoint.exists():
-            info = train_final(ws, r, backend.device, resume=run.state.exists(), progress=progress("final"))
+            info = train_final(ws, r, backend.device, resume=run.state.exists(), progress=progress("final", r))
             report(r, "final", info)
         if "evaluation" not in ws.read_run_metrics(run) and scored:
             info = evaluate(ws, r, split, backend.device, final=True)

@@ -173,15 +173,11 @@ def test_run_steps_are_named_with_the_round_they_work_on(tmp_path: Path) -> None
     from gpual.workspace import Workspace
 
     ws = Workspace.create(tmp_path / "ws", make_config("demo", {"data": {"root": str(tmp_path), "dataset": "folder"}}))
-    # Round 0 selected and trained, round 1 selected: run_loop's next select is round 2's, its next train round 1's.
-    for path in (ws.query_path(0), ws.checkpoint_path(0), ws.query_path(1)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
     clock, console = FakeClock(), log_console()
     with progress_bars(console, interval=0, clock=clock) as bars:
-        progress = _loop_progress(ws, bars, rounds=3, final=(2,))
-        for step in ("superpixels", "select", "train", "final"):
-            progress(step)(1, 2)
+        progress = _loop_progress(ws, bars)
+        for step, round in (("superpixels", None), ("select", 2), ("train", 1), ("final", 2)):
+            progress(step, round)(1, 2)
     assert [line.split(",")[0] for line in lines(console)] == [
         "superpixels: 1/2 images", "select round 2 (teacher forward): 1/2 images", "train round 1: 1/2 steps",
         "train round 2 (final retraining): 1/2 steps"]
