@@ -38,12 +38,11 @@ def run_loop(ws: Workspace, backend: Backend, options: LoopOptions, report: Repo
     >= 1 on its workers; round 0 is random and needs none.
     """
     from gpual.acquisition.select import acquire
+    from gpual.datasets import open_dataset
     from gpual.evaluation import evaluate
     from gpual.oracle import label_round
     from gpual.superpixels import build_cache
     from gpual.training.loop import train_final, train_round
-
-    from gpual.datasets import open_dataset
 
     report = report or (lambda r, s, i: None)
     progress = progress or (lambda step, round: None)

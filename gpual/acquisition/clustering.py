@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from gpual.acquisition.ranking import stable_argsort
 from gpual.backend import Backend
 from gpual.config import KMeansConfig
-from gpual.acquisition.ranking import stable_argsort
 from gpual.seeding import KMEANS_GROUP, derive_seed
-
 
 # "auto" clusters in two levels when regions x k exceeds this. Measured (cuML 26.10,
 # max_iter 300): 1M x 10k = 1e10 took 6.5 s in one level and 1.8 s in two on an H200

@@ -104,8 +104,8 @@ def pool_images(
     times come from CUDA events, so the loop never waits for the device (one wait at the
     end).
     """
-    from gpual.model import normalize
     from gpual.acquisition.pooling import RegionPooler
+    from gpual.model import normalize
 
     if len(index) == 0:
         raise GpualError("no pool images to score: the superpixel index is empty; run `gpual superpixels`")

@@ -17,7 +17,6 @@ from typing import Any
 from array_api_compat import array_namespace, device
 
 
-
 def stable_argsort(x: Any, *, descending: bool = False) -> Any:
     """Indices sorting 1-D ``x``; equal values keep index order (also when descending).
 

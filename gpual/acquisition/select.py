@@ -24,11 +24,11 @@ import pandas as pd
 import torch
 
 from gpual import atomic
+from gpual.acquisition.forward import pool_with_teacher
+from gpual.acquisition.strategies import STRATEGY_NAMES, labeled_class_pixels, pixel_budget, select_regions
 from gpual.backend import Backend
 from gpual.errors import GpualError
-from gpual.acquisition.forward import pool_with_teacher
 from gpual.seeding import SELECT, derive_seed
-from gpual.acquisition.strategies import STRATEGY_NAMES, labeled_class_pixels, pixel_budget, select_regions
 from gpual.superpixels import check_images_unchanged, read_index, read_region_pixels
 from gpual.workspace import QUERY_COLUMNS, Workspace
 

@@ -47,15 +47,22 @@ import torch
 from array_api_compat import array_namespace, device
 from torch import Tensor
 
-from gpual.backend import Backend
 from gpual.acquisition import clustering
 from gpual.acquisition.clustering import kmeans_labels, resolve_levels
-from gpual.config import REGION_SCORES, STRATEGIES, KMeansConfig, UmapConfig
-from gpual.acquisition.reduction import umap_embed
-from gpual.errors import GpualError
 from gpual.acquisition.pooling import RegionStats
-from gpual.acquisition.ranking import (by_descending_score, class_balanced, cluster_priority, most_within_pixels, select_per_cluster,
-                           top_k, within_pixels)
+from gpual.acquisition.ranking import (
+    by_descending_score,
+    class_balanced,
+    cluster_priority,
+    most_within_pixels,
+    select_per_cluster,
+    top_k,
+    within_pixels,
+)
+from gpual.acquisition.reduction import umap_embed
+from gpual.backend import Backend
+from gpual.config import REGION_SCORES, STRATEGIES, KMeansConfig, UmapConfig
+from gpual.errors import GpualError
 
 STRATEGY_NAMES = STRATEGIES  # one list, in gpual.config (validated there)
 # Settings only some strategies' selections read (a config section or a dotted key), in
