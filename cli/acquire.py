@@ -236,7 +236,7 @@ def _annotate_round_one(ws: Workspace, backend: Any, port: int, open_browser: bo
                 return rounds_summary(ws, 2)
             with progress_bars(console) as bars:
                 _reporter(1, "train", train_round(ws, 1, backend.device, partial=True,
-                                                  progress=bars(f"train {ws.model_run(1).label}", description="train"),
+                                                  progress=_loop_progress(ws, bars)("train", 1),
                                                   resume=ws.resume_path(1).exists()))
         if not ws.round_state(1).evaluated:
             _reporter(1, "evaluate", evaluate(ws, 1, ws.config.data.val_split, backend.device))

@@ -72,6 +72,7 @@ def estimate_pool(config: Config, images: list[Path]) -> tuple[float, float, int
     (its pixels / ``superpixels.region_pixels``). None for an empty pool or when none of
     the sampled images can be read (`gpual superpixels` then names the bad file)."""
     from gpual.datasets import read_image, scaled_size
+    from gpual.superpixels import target_regions
 
     if not images:
         return None
@@ -84,7 +85,7 @@ def estimate_pool(config: Config, images: list[Path]) -> tuple[float, float, int
         except GpualError:
             continue
         h, w = scaled_size(h, w, config.data.scale)
-        regions += min(h * w, max(1, round(h * w / config.superpixels.region_pixels)))
+        regions += target_regions(h, w, config.superpixels.region_pixels)
         pixels += h * w
         measured += 1
     if not measured:
@@ -127,13 +128,15 @@ def _init_budget_lines(config: Config, images: list[Path], config_file: Path) ->
 
 def _status_budget(config: Config, pool_regions: int, pool_pixels: int) -> dict | None:
     """The budget as an exact share of the pool (after `gpual superpixels`), or None before."""
+    from gpual.acquisition.strategies import pixel_budget
+
     if not pool_regions:
         return None
     acq = config.acquisition
     out: dict = {"unit": acq.budget_unit, "round_0_regions": acq.init_budget,
                  "round_0_share_of_regions": acq.init_budget / pool_regions}
     if acq.budget_unit == "pixels":
-        out.update(per_round_share_of_pixels=acq.budget_pixels, per_round_pixels=round(acq.budget_pixels * pool_pixels))
+        out.update(per_round_share_of_pixels=acq.budget_pixels, per_round_pixels=pixel_budget(acq.budget_pixels, pool_pixels))
     else:
         out.update(per_round_regions=acq.budget, per_round_share_of_regions=acq.budget / pool_regions)
     return out

@@ -42,14 +42,19 @@ def iou_per_class(confusion: Tensor) -> list[float | None]:
 
 def mean_iou(confusion: Tensor) -> float:
     """Mean of the defined per-class IoUs (classes with an empty union are left out); NaN if none."""
-    values = [v for v in iou_per_class(confusion) if v is not None]
+    values = _averaged(iou_per_class(confusion))
     return sum(values) / len(values) if values else math.nan
 
 
 def averaged_classes(confusion: Tensor) -> int:
     """How many classes :func:`mean_iou` averages: those in the ground truth or predicted
     (a non-empty union); the others have no IoU and are left out."""
-    return sum(v is not None for v in iou_per_class(confusion))
+    return len(_averaged(iou_per_class(confusion)))
+
+
+def _averaged(ious: list[float | None]) -> list[float]:
+    """The per-class IoUs mIoU averages: the defined ones."""
+    return [v for v in ious if v is not None]
 
 
 def classes_in_truth(confusion: Tensor) -> int:

@@ -26,6 +26,7 @@ import pandas as pd
 from gpual.atomic import atomic_dir
 from gpual.datasets import read_image
 from gpual.errors import GpualError
+from gpual.interchange.regions import upscale
 from gpual.superpixels import load_superpixels
 from gpual.workspace import Workspace
 
@@ -63,17 +64,6 @@ def line_width(height: int, width: int) -> int:
     return max(1, round(min(height, width) / 450))
 
 
-def upscale_nearest(superpixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(height, width) region ids: ``superpixels`` (h, w) enlarged (or shrunk) nearest-neighbour,
-    each output pixel taking the region under its centre. Host arrays; dtype kept."""
-    h, w = superpixels.shape
-    if (h, w) == (height, width):
-        return superpixels
-    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
-    return superpixels[rows[:, None], cols[None, :]]
-
-
 def enlarge_small(image: np.ndarray, min_width: int = MIN_WIDTH) -> np.ndarray:
     """``image`` (H, W, C) as it is when W >= ``min_width``, else enlarged nearest-neighbour
     by the smallest whole factor that reaches it."""
@@ -83,24 +73,22 @@ def enlarge_small(image: np.ndarray, min_width: int = MIN_WIDTH) -> np.ndarray:
     return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
-def region_boundaries(superpixels: np.ndarray) -> np.ndarray:
+def _region_changes(superpixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """((H, W-1), (H-1, W)) bool: where a pixel's right / lower neighbour lies in another region."""
+    return superpixels[:, :-1] != superpixels[:, 1:], superpixels[:-1, :] != superpixels[1:, :]
+
+
+def region_boundaries(superpixels: np.ndarray, both_sides: bool = False) -> np.ndarray:
     """(H, W) bool: pixels whose right or lower neighbour lies in another region (a
-    one-pixel line between regions)."""
+    one-pixel line between regions), or with ``both_sides`` the pixels on either side of
+    each such edge (any 4-neighbour in another region)."""
+    right, down = _region_changes(superpixels)
     edges = np.zeros(superpixels.shape, dtype=bool)
-    edges[:, :-1] |= superpixels[:, :-1] != superpixels[:, 1:]
-    edges[:-1, :] |= superpixels[:-1, :] != superpixels[1:, :]
-    return edges
-
-
-def _both_sides(superpixels: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels with a 4-neighbour in another region, on both sides of each edge."""
-    edges = np.zeros(superpixels.shape, dtype=bool)
-    right = superpixels[:, :-1] != superpixels[:, 1:]
-    down = superpixels[:-1, :] != superpixels[1:, :]
     edges[:, :-1] |= right
-    edges[:, 1:] |= right
     edges[:-1, :] |= down
-    edges[1:, :] |= down
+    if both_sides:
+        edges[:, 1:] |= right
+        edges[1:, :] |= down
     return edges
 
 
@@ -156,10 +144,12 @@ def render_overlay(
     (under the image) is drawn only when ``legend`` is given.
     """
     height, width = image_rgb.shape[:2]
-    sp = upscale_nearest(superpixels, height, width)
+    # The exports' and the annotator's rule (gpual.interchange.regions.upscale), so an
+    # overlay's borders are the very pixels a mask of the same round has.
+    sp = upscale(superpixels, (height, width))
     out = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     t = line_width(height, width)
-    n_ids = int(sp.max()) + 1 if sp.size else 0
+    n_ids = int(superpixels.max()) + 1 if superpixels.size else 0  # the small map: same ids
     if earlier is not None and len(earlier):
         done = _member(sp, earlier, n_ids)
         _grey_out(out, done)
@@ -170,7 +160,7 @@ def render_overlay(
     # Both border lines lie inside the queried region: the dark one along its edge, the
     # bright one next to it, so two adjacent queries stay apart and the content outside
     # the query is left as it is.
-    edges = _both_sides(sp)
+    edges = region_boundaries(sp, both_sides=True)
     dark = _band(edges, t)
     out[mask & dark] = DARK_BGR
     out[mask & _band(edges, 2 * t) & ~dark] = BRIGHT_BGR

@@ -100,6 +100,12 @@ class SuperpixelSummary:
 # One image
 
 
+def target_regions(height: int, width: int, region_pixels: int) -> int:
+    """The regions an image of ``height`` x ``width`` pixels is cut into: about one per
+    ``region_pixels`` pixels, never more than its pixels (fast-slic dies with SIGFPE beyond)."""
+    return min(height * width, max(1, round(height * width / region_pixels)))
+
+
 def compute_superpixels(
     image: np.ndarray,
     method: str = "slic",
@@ -125,8 +131,7 @@ def compute_superpixels(
     if region_pixels < 1:
         raise GpualError(f"superpixels.region_pixels = {region_pixels} must be at least 1: fix it in gpual.toml", 2)
     h, w = image.shape[:2]
-    # Never more regions than pixels: fast-slic dies with SIGFPE beyond that.
-    target = min(h * w, max(1, round(h * w / region_pixels)))
+    target = target_regions(h, w, region_pixels)
     if target > MAX_REGIONS:
         raise GpualError(
             f"a {w}x{h} image with superpixels.region_pixels = {region_pixels} needs {target} regions, more than the "

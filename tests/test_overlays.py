@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from cli_runner import run_cli
+from gpual.interchange.regions import upscale
 from gpual.overlays import (
     BRIGHT_BGR,
     DARK_BGR,
@@ -22,7 +23,6 @@ from gpual.overlays import (
     line_width,
     region_boundaries,
     render_overlay,
-    upscale_nearest,
     write_overlays,
 )
 
@@ -33,16 +33,22 @@ def _grid(height: int, width: int, cell: int) -> np.ndarray:
     return ((np.arange(height)[:, None] // cell) * cols + np.arange(width)[None, :] // cell).astype(np.uint16)
 
 
-def test_upscale_nearest_takes_the_region_under_each_pixel_centre() -> None:
+def test_overlays_enlarge_the_map_by_the_exports_rule() -> None:
+    """The overlay's full-size map is the one the exports and the annotator draw
+    (gpual.interchange.regions.upscale): the same pixels belong to each region."""
     sp = np.array([[0, 1, 2], [3, 4, 5]], np.uint16)
-    big = upscale_nearest(sp, 4, 6)
+    big = upscale(sp, (4, 6))
     assert big.dtype == np.uint16 and big.shape == (4, 6)
     assert np.array_equal(big, np.repeat(np.repeat(sp, 2, axis=0), 2, axis=1))
-    assert upscale_nearest(sp, 2, 3) is sp
+    assert np.array_equal(upscale(sp, (2, 3)), sp)
     # A non-integer factor: every source region still appears, in order, nothing out of range.
-    odd = upscale_nearest(sp, 5, 7)
+    odd = upscale(sp, (5, 7))
     assert odd.shape == (5, 7) and set(np.unique(odd)) == set(range(6))
-    assert list(odd[0]) == [0, 0, 1, 1, 1, 2, 2] and list(odd[:, 0]) == [0, 0, 3, 3, 3]
+    assert list(odd[0]) == [0, 0, 1, 1, 2, 2, 2] and list(odd[:, 0]) == [0, 0, 3, 3, 3]
+    # The overlay draws its query on exactly those pixels.
+    image = np.zeros((5, 7, 3), np.uint8)
+    out = render_overlay(image, sp, np.array([4]), None, None)
+    assert ((out != 0).any(axis=2) & (odd != 4) & ~region_boundaries(odd)).sum() == 0
 
 
 def test_small_images_are_enlarged_by_a_whole_factor() -> None:
@@ -62,7 +68,7 @@ def test_query_border_is_two_tone_on_yellow_and_earlier_labels_are_greyed() -> N
     queried, earlier = np.array([31], np.uint16), np.array([33], np.uint16)
     out = render_overlay(image, sp, queried, earlier)
     assert out.shape == (height, width, 3)  # the file's size, not the working scale
-    full = upscale_nearest(sp, height, width)
+    full = upscale(sp, (height, width))
     t = line_width(height, width)
     ys, xs = np.nonzero(full == 31)
     top, left, bottom, right = ys.min(), xs.min(), ys.max(), xs.max()
@@ -163,7 +169,7 @@ def test_overlays_of_a_workspace_at_file_size_with_earlier_labels_apart(labelled
     original = enlarge_small(original)
     assert original.shape[:2] == (320, 480) and out.shape[1] == 480 and out.shape[0] > 320
     out = out[:320]
-    full = upscale_nearest(sp, 320, 480)
+    full = upscale(sp, (320, 480))
     earlier = out[np.isin(full, done) & ~region_boundaries(full)].astype(int)
     grey = (earlier[:, 0] == earlier[:, 1]) & (earlier[:, 1] == earlier[:, 2])
     assert (grey | (earlier == EARLIER_BGR).all(axis=1)).all()
