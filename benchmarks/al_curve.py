@@ -8,6 +8,7 @@ against the full-supervision reference trained with the same network and schedul
     python benchmarks/al_curve.py ... --strategies umap-kmeans-entropy --set acquisition.region_score=mean
     python benchmarks/al_curve.py ... --rounds 5 --final 2,4     # the paper's protocol at rounds 2 and 4
     python benchmarks/al_curve.py ... --budget-pixels 1% --final last   # equal cost: 1% of the pool's pixels a round
+    python benchmarks/al_curve.py ... --init-budget 800 --rounds 4 --budget-pixels 1%,2%,4%   # rounds at 1, 2, 4, 8%
 
 Two mIoUs per round. The round's model is fine-tuned round after round, so round r has
 trained ``epochs_per_round`` x (r + 1) epochs (the table says how many) while the reference
@@ -30,7 +31,9 @@ UMAP, KMeans); a workspace made with other settings is refused, never silently r
 Equal cost (``--budget-pixels SHARE``): every strategy labels SHARE of the pool's pixels
 per round after round 0 (``acquisition.budget_unit = "pixels"``: each ranking is cut where
 the next region would pass the budget, so the rounds' shares agree to within a region), and
-the runs are compared at equal cost, paired by seed: for each seed, the reference strategy's
+the runs are compared at equal cost, paired by seed (``--budget-pixels 1%,2%,4%`` gives
+each round after round 0 its own share: with a round 0 of about 1% the rounds then sit at
+2%, 4% and 8% labelled): for each seed, the reference strategy's
 (``--reference``, random) cumulative cost at each round is that seed's x, every other
 strategy's mIoU is read off its own curve there (linear between its rounds, and along its
 end segments for up to a quarter of their length beyond them; nothing further), and the
@@ -220,12 +223,28 @@ def final_rounds(text: str, rounds: int) -> tuple[int, ...]:
     return chosen
 
 
-def within_budget(rows: list[dict[str, Any]], share: float, pool_pixels: int) -> bool:
-    """Whether every round after round 0 labelled at most the pixel budget of ``share``
+def pixel_schedule(text: str, rounds: int) -> list[str]:
+    """``--budget-pixels``: one share for every round after round 0 ("1%"), or one per round
+    ("1%,2%,4%": rounds 1, 2 and 3; a doubling schedule puts rounds at 2%, 4% and 8% after a
+    1% round 0). Returns the share's text for rounds 1 .. rounds-1; a bad share or a list
+    of the wrong length is refused before anything is written."""
+    parts = [part.strip() for part in text.split(",")]
+    for part in parts:
+        parse_budget_pixels(part)
+    if len(parts) == 1:
+        return parts * max(rounds - 1, 0)
+    if len(parts) != rounds - 1:
+        raise GpualError(f"--budget-pixels {text!r} gives {len(parts)} shares for the {rounds - 1} rounds after "
+                         f"round 0 of --rounds {rounds}: give one share, or one per round")
+    return parts
+
+
+def within_budget(rows: list[dict[str, Any]], shares: list[float], pool_pixels: int) -> bool:
+    """Whether every round r >= 1 labelled at most the pixel budget of ``shares[r - 1]``
     (:func:`gpual.acquisition.strategies.pixel_budget` of the pool's ``pool_pixels``)."""
-    cap = pixel_budget(share, pool_pixels)
-    shares = [row["labeled_share"] for row in rows]
-    return all((b - a) * pool_pixels <= cap + 0.5 for a, b in zip(shares, shares[1:]) if _finite(a) and _finite(b))
+    labelled = [row["labeled_share"] for row in rows]
+    return all((b - a) * pool_pixels <= pixel_budget(share, pool_pixels) + 0.5
+               for a, b, share in zip(labelled, labelled[1:], shares) if _finite(a) and _finite(b))
 
 
 def _finals(runs: list[list[dict[str, Any]]], r: int) -> list[float]:
@@ -494,7 +513,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="regions per round after round 0 (default: the preset's)")
     parser.add_argument("--budget-pixels", metavar="SHARE",
                         help="equal cost: SHARE of the pool's pixels per round after round 0 for every strategy "
-                             "(e.g. 1%% or 0.01; acquisition.budget_unit = \"pixels\"); not with --budget")
+                             "(e.g. 1%% or 0.01; acquisition.budget_unit = \"pixels\"), or one share per round "
+                             "(1%%,2%%,4%%); not with --budget")
     parser.add_argument("--reference", default="random",
                         help="the strategy the others are compared to, seed by seed (default: random)")
     parser.add_argument("--init-budget", type=int, help="round-0 regions (default: the preset's)")
@@ -514,13 +534,44 @@ def main() -> None:
         sys.exit(f"error: {exc}")
 
 
+def _step_lines(name: str, t0: float) -> Any:
+    """A :data:`gpual.active_loop.Reporter` printing one line per finished step of a run, so
+    a log shows where a long protocol is."""
+    def report(r: int, step: str, info: dict[str, Any]) -> None:
+        if step not in ("note", "await labels"):
+            print(f"{name} round {r}: {step} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return report
+
+
+def _run(ws: Workspace, backend: Any, args: argparse.Namespace, finals: tuple[int, ...],
+         schedule: list[str] | None, report: Any) -> list[dict[str, Any]]:
+    """Finish one (strategy, seed) run: its rounds, then the final retrainings of ``finals``.
+
+    Under a pixel schedule each round is run with its own share (the loop resumes the rounds
+    already done). The loop is given the share even where the workspace's config holds it:
+    a gpual whose selection does not read acquisition.budget_unit still converts it to
+    regions of the mean size.
+    """
+    if schedule is None:
+        return run_loop(ws, backend, LoopOptions(args.rounds, split=args.split, final=finals), report)
+    rows: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        last = r == args.rounds - 1
+        rows = run_loop(ws, backend, LoopOptions(r + 1, split=args.split, final=finals if last else (),
+                                                 budget_pixels=schedule[r - 1] if r else None), report)
+    return rows
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     start = time.perf_counter()
     finals = final_rounds(args.final, args.rounds)  # bad input is refused before anything is written
     if args.budget and args.budget_pixels:
         parser.error("give --budget (regions) or --budget-pixels (a share of the pixels), not both")
-    share = parse_budget_pixels(args.budget_pixels) if args.budget_pixels else None
+    schedule = pixel_schedule(args.budget_pixels, args.rounds) if args.budget_pixels else None
+    shares = [parse_budget_pixels(text) for text in schedule] if schedule is not None else None
+    # The workspaces' acquisition.budget_pixels: round 1's share.
+    share = parse_budget_pixels(args.budget_pixels.split(",")[0]) if args.budget_pixels else None
     strategies = args.strategies.split(",")
     reference_strategy = args.reference if args.reference in strategies else strategies[0]
     if reference_strategy != args.reference:
@@ -563,8 +614,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         # continuing a workspace made without them (random under region_score = mean).
         unread = settings_unread(strategy)
         variant = ",".join(s for s in args.settings if not _skipped(s.split("=", 1)[0].strip(), unread))
-        if share is not None:
-            variant = ",".join(v for v in (f"pixels={args.budget_pixels.strip()}", variant) if v)
+        if schedule is not None:
+            # A schedule names its runs by its shares ("pixels=1%-2%-4%"): a comma separates settings.
+            variant = ",".join(v for v in (f"pixels={'-'.join(dict.fromkeys(schedule))}", variant) if v)
         label = labels[strategy] = f"{strategy} ({variant})" if variant else strategy
         for seed in seeds:
             # A seed moves every random draw: round 0, training, UMAP and KMeans.
@@ -577,14 +629,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             if source is not None:
                 print(f"{name}: round 0 copied from {source.root.name}", flush=True)
             t0 = time.perf_counter()
-            # With a pixel budget the loop passes the share too: a gpual whose selection does not
-            # read acquisition.budget_unit still converts it to regions of the mean size.
-            rows = run_loop(ws, backend, LoopOptions(args.rounds, split=args.split, final=finals,
-                                                     budget_pixels=args.budget_pixels if share is not None else None))
-            if share is not None:
-                honoured[name] = within_budget(rows, share, pool_pixels)
+            rows = _run(ws, backend, args, finals, schedule, _step_lines(name, t0))
+            if shares is not None:
+                honoured[name] = within_budget(rows, shares, pool_pixels)
                 if not honoured[name]:
-                    print(f"warning: {name} labelled more than {100 * share:g}% of the pixels in a round: this gpual's "
+                    print(f"warning: {name} labelled more than its pixel budget in a round: this gpual's "
                           "selection does not cut at acquisition.budget_pixels; the comparison interpolates each "
                           "curve at the reference's x", flush=True)
             print(f"{label} seed {seed}: " + ", ".join(
@@ -613,7 +662,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         "full_supervision_epochs": full_epochs,
         "final_rounds": list(finals),
         "seeds": seeds,
-        "budget_pixels": share,
+        "budget_pixels": shares[0] if shares and len(set(shares)) == 1 else shares,
         "pixel_budget_honoured": honoured if share is not None else None,
         "curves": curves,
         # Paired by seed against the reference, at equal labelled pixels and at equal clicks.

@@ -188,7 +188,8 @@ def test_round_zero_is_shared_across_budget_units_and_old_workspaces_run_as_befo
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """al_curve on 4 tiny synthetic scenes: entropy and random, one seed, 2 rounds, 4% of the pixels a round."""
+    """al_curve on 4 tiny synthetic scenes: entropy and random, one seed, 3 rounds, a pixel
+    schedule of 3% then 5% of the pixels."""
     from gpual.synthetic import make_scenes
 
     root = tmp_path_factory.mktemp("al_curve")
@@ -196,7 +197,7 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     report = sys.modules["_report"]
     make_scenes(root / "data", n_train=4, n_val=1, height=32, width=48)
     argv = ["al_curve", "--data", str(root / "data"), "--dataset", "folder", "--preset", "demo",
-            "--strategies", "entropy,random", "--seeds", "0", "--rounds", "2", "--budget-pixels", "4%",
+            "--strategies", "entropy,random", "--seeds", "0", "--rounds", "3", "--budget-pixels", "3%,5%",
             "--init-budget", "20", "--device", "cpu", "--out", str(root / "out"),
             "--set", "train.epochs_per_round=1", "--set", "train.final_epochs=1", "--set", "superpixels.workers=1"]
     with pytest.MonkeyPatch.context() as mp:
@@ -210,18 +211,18 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_a_synthetic_equal_cost_run_writes_the_comparison_and_two_panels(synthetic_run: dict) -> None:
     payload, path = synthetic_run["payload"], synthetic_run["path"]
-    assert payload["budget_pixels"] == pytest.approx(0.04) and payload["seeds"] == [0]
+    assert payload["budget_pixels"] == pytest.approx([0.03, 0.05]) and payload["seeds"] == [0]
     pixels = payload["equal_cost"]["pixels"]
-    assert pixels["reference"] == "random (pixels=4%,train.epochs_per_round=1,train.final_epochs=1)"
-    assert set(payload["equal_cost"]) == {"pixels", "clicks"} and len(pixels["x"]) == 2
+    assert pixels["reference"] == "random (pixels=3%-5%,train.epochs_per_round=1,train.final_epochs=1)"
+    assert set(payload["equal_cost"]) == {"pixels", "clicks"} and len(pixels["x"]) == 3
     table = path.with_suffix(".md").read_text()
     assert "At equal labelled pixels" in table and "At equal clicks" in table
     # In the equal-cost table every strategy's row of a round shows the same x.
     section = table.split("At equal labelled pixels")[1].split("At equal clicks")[0]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and line.split(" | ")[1].isdigit()]
-    assert len(rows) == 4 and {cells[0] for cells in rows} == {"| entropy (pixels=4%,train.epochs_per_round=1,train.final_epochs=1)",
-                                                                "| random (pixels=4%,train.epochs_per_round=1,train.final_epochs=1)"}
-    assert len({(cells[1], cells[2]) for cells in rows}) == 2
+    assert len(rows) == 6 and {cells[0] for cells in rows} == {"| entropy (pixels=3%-5%,train.epochs_per_round=1,train.final_epochs=1)",
+                                                                "| random (pixels=3%-5%,train.epochs_per_round=1,train.final_epochs=1)"}
+    assert len({(cells[1], cells[2]) for cells in rows}) == 3
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -231,6 +232,23 @@ def test_a_synthetic_equal_cost_run_labels_equal_pixels_in_every_strategy(synthe
     shares = {label: [row["labeled_share"] for row in runs[0]] for label, runs in payload["curves"].items()}
     (a, b) = shares.values()
     assert a[0] == b[0]  # the shared round 0
-    # Each round 4% at most (of 4 x 32 x 48 = 6144 pixels: 246), short of it by less than a
-    # region (the demo's regions are about 64 pixels: 1%; 2% leaves room for the largest).
-    assert all(0.02 < y - x <= 0.04 + 1e-9 for s in (a, b) for x, y in zip(s, s[1:]))
+    # Round 1 labels 3% at most and round 2 5% (of 4 x 32 x 48 = 6144 pixels: 184 and 307),
+    # each short of its budget by less than a region (the demo's regions are about 64
+    # pixels: 1%; 2% leaves room for the largest).
+    for s in (a, b):
+        assert [budget - 0.02 < y - x <= budget + 1e-9 for x, y, budget in zip(s, s[1:], (0.03, 0.05))] == [True, True]
+
+
+def test_a_pixel_schedule_gives_each_round_its_share_and_refuses_a_wrong_length() -> None:
+    al_curve = _load("al_curve")
+    assert al_curve.pixel_schedule("1%", 4) == ["1%", "1%", "1%"]
+    assert al_curve.pixel_schedule("1%, 2%,0.04", 4) == ["1%", "2%", "0.04"]
+    assert al_curve.pixel_schedule("1%", 1) == []
+    with pytest.raises(al_curve.GpualError, match="gives 2 shares for the 3 rounds after round 0"):
+        al_curve.pixel_schedule("1%,2%", 4)
+    with pytest.raises(al_curve.GpualError, match="is not a share"):
+        al_curve.pixel_schedule("1%,two", 3)
+    # Per-round caps: 1% then 2% of 10,000 pixels (100 and 200 pixels).
+    rows = [{"labeled_share": x} for x in (0.010, 0.0195, 0.0390)]
+    assert al_curve.within_budget(rows, [0.01, 0.02], 10_000)
+    assert not al_curve.within_budget(rows, [0.01, 0.01], 10_000)  # round 2 took 195 pixels of a 100 cap
