@@ -85,9 +85,10 @@ ROUND_ZERO_IGNORES = (("acquisition", "strategy"), ("acquisition", "region_score
                       ("acquisition", "budget_pixels"), ("acquisition", "class_balance"),
                       ("acquisition", "clusters_per_budget"))
 ROUND_ZERO_IGNORED_SECTIONS = ("umap", "kmeans")
-# Process counts: they change how fast a run goes, never what it computes (flips and
-# shuffling are seeded in the main process), so they never separate runs.
-SPEED_ONLY = ("train.num_workers", "superpixels.workers")
+# Process counts and where the decoded training images are held: they change how fast a
+# run goes, never what it computes (flips and shuffling are seeded in the main process;
+# resident and streamed batches are bit-identical), so they never separate runs.
+SPEED_ONLY = ("train.num_workers", "superpixels.workers", "train.resident")
 
 
 def _skipped(key: str, skip: tuple[str, ...]) -> bool:

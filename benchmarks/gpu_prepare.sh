@@ -12,6 +12,9 @@
 #   .devdata/camvid/         CamVid train + val (images and labels)
 #   .devdata/ws/             a cpu-small workspace on it with its superpixels computed here
 #                            (fast-slic is not built on the box)
+#   .devdata/ws-paper/       a paper-preset workspace (ResNet-50, 360x480) with its superpixels,
+#                            random initial weights (the box cannot download ImageNet's; the
+#                            timing of a round does not depend on them)
 # Then, on the device: carry one part per call (`carry: [".devdata/parts/part.00"]`, ...),
 # and in the last call carry .devdata/wheels, .devdata/camvid and .devdata/ws and run
 # `benchmarks/gpu_session.sh` (see there).
@@ -35,4 +38,7 @@ cp -r "$camvid/train" "$camvid/val" .devdata/camvid/
 rm -rf .devdata/ws
 .venv/bin/gpual init .devdata/ws --data .devdata/camvid --dataset camvid --preset cpu-small
 .venv/bin/gpual superpixels .devdata/ws
-du -sh .devdata/parts .devdata/wheels .devdata/camvid .devdata/ws
+rm -rf .devdata/ws-paper
+.venv/bin/gpual init .devdata/ws-paper --data .devdata/camvid --dataset camvid --preset paper --set model.backbone_weights=
+.venv/bin/gpual superpixels .devdata/ws-paper
+du -sh .devdata/parts .devdata/wheels .devdata/camvid .devdata/ws .devdata/ws-paper

@@ -21,6 +21,8 @@
 #   select       acquisition.py real pool        ~30 s
 #   sweep 4M     acquisition.py --sweep 4000000  ~60 s
 #   dask         select --gpus 1                 unknown (never run)
+#   select cmd   select_command.py, 3 repeats    unknown (never run; the whole command, its parts)
+#   paper round  run ws-paper --rounds 1         unknown (never run; 20 epochs of ResNet-50 at 360x480)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT (the device tool does)}
@@ -54,7 +56,7 @@ export LD_LIBRARY_PATH
 gpual() { python3 -c 'import sys; from cli.main import main; sys.argv[0] = "gpual"; main()' "$@"; }
 
 # The workspace was made on the CPU machine: point it at this box's copy of the data.
-sed -i "s|^root = .*|root = \"$PWD/.devdata/camvid\"|" .devdata/ws/gpual.toml
+sed -i "s|^root = .*|root = \"$PWD/.devdata/camvid\"|" .devdata/ws/gpual.toml .devdata/ws-paper/gpual.toml
 
 step install 120 install
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or rapids" \
@@ -65,5 +67,10 @@ step run 200 gpual run .devdata/ws --rounds 2 --final --device cuda
 for r in .devdata/ws/rounds/*; do cp "$r/metrics.json" "$OUT/metrics-$(basename "$r").json" 2>/dev/null; done
 step select-real-pool 90 python3 benchmarks/acquisition.py --workspace .devdata/ws --round 1 --device cuda --sweep "" --repeats 3
 step sweep-4M 120 python3 benchmarks/acquisition.py --sweep 4000000 --device cuda --repeats 1
+step select-command 90 python3 benchmarks/select_command.py --workspace .devdata/ws --round 2 --device cuda --repeats 3
 step dask-gpus-1 120 gpual select .devdata/ws --round 2 --device cuda --gpus 1
+# A paper-preset round: select (random) + label + 20 epochs + evaluate; its parts are in
+# the round's metrics.json (acquisition.timings_s, training.seconds and images_per_second).
+step paper-round 150 gpual run .devdata/ws-paper --rounds 1 --device cuda
+cp .devdata/ws-paper/rounds/000/metrics.json "$OUT/metrics-paper-000.json" 2>/dev/null
 cat "$OUT/steps.tsv"

@@ -8,7 +8,8 @@ Inputs are synthetic (images of noise, label maps of random 16x16-pixel blocks o
 ``--classes`` classes, ``--labeled`` of the blocks labeled, the rest 255): content does not
 change the cost. The bank starts full (``bank_size`` random unit vectors per class), so
 every step pays the steady-state contrastive cost (1024 negatives per anchor).
-Warm-up steps are excluded from the timings. Peak memory is the process's peak RSS on
+Warm-up steps are excluded from the timings; a step only queues device work (it never
+waits for the GPU), so each timed step ends with a device synchronisation. Peak memory is the process's peak RSS on
 CPU (it includes the interpreter and libraries), ``torch.cuda.max_memory_allocated``
 after the warm-up on CUDA. ``--no-contrastive`` adds a run with lambda = 0 (the bank is
 still filled) to show the contrastive term's share.
@@ -28,13 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_info, peak_rss_mb, write_result  # noqa: E402
 
-from gpual.backend import synchronize_device  # noqa: E402
+from gpual.backend import amp_dtype, amp_enabled, resolve_device, synchronize_device  # noqa: E402
 from gpual.config import BACKBONES, make_config  # noqa: E402
 from gpual.memory_bank import MemoryBank  # noqa: E402
 from gpual.model import OUTPUT_STRIDES, build_model  # noqa: E402
 from gpual.teacher import make_teacher  # noqa: E402
-from gpual.backend import resolve_device
-from gpual.training.loop import Trainer, make_optimizer, train_step  # noqa: E402
+from gpual.training.loop import Trainer, make_optimizer, make_scaler, memory_format, train_step  # noqa: E402
 
 
 def synthetic_batch(batch: int, h: int, w: int, classes: int, labeled: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,13 +57,13 @@ def bench(size: tuple[int, int], args: argparse.Namespace, device: torch.device,
     })
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = build_model(config.model, args.classes, output_stride=args.output_stride).to(device)
+    model = build_model(config.model, args.classes, output_stride=args.output_stride).to(device,
+                                                                                        memory_format=memory_format(device))
     bank = MemoryBank(args.classes, config.contrastive.bank_size, config.model.projection_dim, device)
     for c in range(args.classes):
         bank.push(c, F.normalize(torch.randn(config.contrastive.bank_size, config.model.projection_dim, generator=g), dim=1))
-    amp = args.amp and device.type == "cuda"
-    trainer = Trainer(model, make_teacher(model), bank, make_optimizer(model, config),
-                      torch.amp.GradScaler(device.type, enabled=amp), config, amp)
+    amp = amp_enabled(device, args.amp)
+    trainer = Trainer(model, make_teacher(model), bank, make_optimizer(model, config), make_scaler(device, amp), config, amp)
     sampling = torch.Generator(device=device).manual_seed(0)
     batches = [synthetic_batch(args.batch, h, w, args.classes, args.labeled, g) for _ in range(min(4, args.steps))]
     batches = [(x.to(device), y.to(device)) for x, y in batches]
@@ -76,10 +76,10 @@ def bench(size: tuple[int, int], args: argparse.Namespace, device: torch.device,
     times, anchors = [], []
     for i in range(args.steps):
         t0 = time.perf_counter()
-        stats = train_step(trainer, *batches[i % len(batches)], sampling)  # float(loss) syncs on CUDA
+        stats = train_step(trainer, *batches[i % len(batches)], sampling)  # queues device work only
         synchronize_device(device)
         times.append(time.perf_counter() - t0)
-        anchors.append(stats["anchors"])
+        anchors.append(int(stats["anchors"]))  # after the timing: the read waits for the device
     step = statistics.mean(times)
     result = {
         "size": f"{h}x{w}",
@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--amp", action="store_true", help="float16 autocast + GradScaler (CUDA only)")
+    parser.add_argument("--amp", action="store_true",
+                        help="autocast (CUDA only): bfloat16 where the GPU has it, else float16 + GradScaler")
     parser.add_argument("--no-contrastive", action="store_true", help="also time lambda = 0")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -129,7 +130,8 @@ def main() -> None:
         "batch": args.batch,
         "classes": args.classes,
         "labeled_blocks": args.labeled,
-        "amp": args.amp and device.type == "cuda",
+        "amp": amp_enabled(device, args.amp),
+        "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if amp_enabled(device, args.amp) else None,
         "torch_threads": torch.get_num_threads(),
         "results": results,
         "machine": machine_info(),

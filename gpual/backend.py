@@ -1,6 +1,7 @@
 """The one object that decides which libraries run each stage: CUDA (CuPy, cuML, cuDF)
 or the CPU twin (NumPy, umap-learn, scikit-learn, pandas/pyarrow), and the device rules
-every stage shares (:func:`resolve_device`, the AMP rule :func:`amp_enabled`).
+every stage shares (:func:`resolve_device`, the AMP rule :func:`amp_enabled` /
+:func:`amp_dtype` / :func:`amp_loss_scaling`).
 
 Stage code never imports CuPy, cuML or cuDF itself: it asks the :class:`Backend` for the
 array namespace (``backend.xp``), the estimator classes (``backend.umap(...)``,
@@ -10,6 +11,7 @@ devices.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
 import warnings
@@ -68,7 +70,7 @@ class Backend:
         return self.name == "cuda"
 
     def amp(self, requested: bool) -> bool:
-        """Whether float16 autocast runs here: ``requested`` (``train.amp``) and on CUDA."""
+        """Whether autocast (in :func:`amp_dtype`) runs here: ``requested`` (``train.amp``) and on CUDA."""
         return amp_enabled(self.device, requested)
 
     # --- estimators: identical constructor arguments on both devices -------------------
@@ -247,12 +249,29 @@ def synchronize_device(device: torch.device) -> None:
 
 
 def amp_enabled(device: torch.device, requested: bool) -> bool:
-    """The one AMP rule: float16 autocast (and loss scaling in training) only on CUDA.
+    """The one AMP rule: autocast only on CUDA, in :func:`amp_dtype`, with loss scaling in
+    training where :func:`amp_loss_scaling` says so.
 
     For code that holds a torch device but no :class:`Backend` (training, evaluation, a
     Dask worker's forward); :meth:`Backend.amp` is the same rule.
     """
     return bool(requested) and device.type == "cuda"
+
+
+@functools.cache
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype on ``device``: bfloat16 on a CUDA device with native bf16 (Ampere
+    and later), float16 elsewhere. bfloat16 keeps float32's exponent range, so it needs no
+    loss scaling, and training then runs without the GradScaler, whose inf check would make
+    every step wait for the device."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
+
+
+def amp_loss_scaling(device: torch.device, requested: bool) -> bool:
+    """Whether training scales the loss (``torch.amp.GradScaler``): AMP in float16 only."""
+    return amp_enabled(device, requested) and amp_dtype(device) == torch.float16
 
 
 def _no_cuda(asked: str) -> GpualError:

@@ -110,13 +110,20 @@ class TrainConfig:
     beta1: float = _key(0.9, "Adam beta1")
     beta2: float = _key(0.999, "Adam beta2")
     hflip: bool = _key(True, "random horizontal flips of the training images")
-    amp: bool = _key(True, "float16 mixed precision (CUDA only; ignored on the CPU)")
+    amp: bool = _key(True, "mixed precision: bfloat16 where the GPU has it, else float16 with loss scaling (CUDA only)")
     ema_decay: float = _key(0.99, "the teacher's EMA decay per step, in [0, 1]")
     reinit_each_round: bool = _key(False, "start each round from fresh weights instead of the previous round's")
     # Loader processes decoding images and superpixel maps. "auto": none on the CPU (the
     # model's compute has the cores), min(8, usable cores - 1) with CUDA, where loading
     # overlaps the device (CamVid pool on a 16-core H200 box: host wait 0.98 s with 0, 0.36 s with 8).
     num_workers: int | str = _key("auto", 'loader processes, or "auto" (none on the CPU, up to 8 with CUDA)')
+    # Resident training data (TrainingBatches, gpual/training/data.py): decode every training
+    # image once per run and keep images and targets (H x W x 4 bytes each) on the model's
+    # device, forming each epoch's batches there, instead of decoding them every epoch. Batches
+    # and their order are the same either way. "auto": resident when the decoded set fits in a
+    # quarter of the device's free memory (CUDA: torch.cuda.mem_get_info; CPU: free physical
+    # memory); true: resident (an error if the set exceeds the free memory); false: streamed.
+    resident: bool | str = _key("auto", 'decode the training images once and keep them on the device: "auto", true or false')
     seed: int = _key(0, "seed of the initial weights, shuffles, flips, dropout and contrastive sampling")
 
 
@@ -262,6 +269,9 @@ class Config:
         workers = self.train.num_workers
         if isinstance(workers, bool) or (workers != "auto" and not (isinstance(workers, int) and workers >= 0)):
             raise GpualError(f"config train.num_workers = {workers!r} is not a count >= 0 or \"auto\": fix it in gpual.toml", 2)
+        resident = self.train.resident
+        if not (isinstance(resident, bool) or resident == "auto"):
+            raise GpualError(f"config train.resident = {resident!r} is not true, false or \"auto\": fix it in gpual.toml", 2)
         if self.kmeans.tol < 0:
             raise GpualError(f"config kmeans.tol = {self.kmeans.tol} must not be negative: fix it in gpual.toml", 2)
         if not 0.0 <= self.train.ema_decay <= 1.0:

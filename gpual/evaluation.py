@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from gpual.backend import amp_enabled
+from gpual.backend import amp_dtype, amp_enabled
 from gpual.errors import GpualError
 from gpual.loading import host_batches, pad_collate
 from gpual.metrics import averaged_classes, classes_in_truth, confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
@@ -87,7 +87,7 @@ def evaluate(ws: Workspace, round: int | None, split: str, device: torch.device,
     with torch.inference_mode():
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
                 logits = teacher.segment(normalize(images))
             confusion += confusion_matrix(logits.argmax(1), labels, len(classes), spec.ignore_index)
     seconds = time.perf_counter() - t0

@@ -67,11 +67,14 @@ def host_batches(
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack (image, target) pairs, padding right/bottom to the largest: images with 0,
-    targets with 255 (ignored by every loss and metric). -> ((B, H, W, 3) uint8, (B, H, W) uint8)."""
+    targets with 255 (ignored by every loss and metric). -> ((B, H, W, 3) uint8, (B, H, W) uint8)
+    on the pairs' device (host tensors in a loader process, device-resident ones in
+    :class:`~gpual.training.data.TrainingBatches`); always new tensors, never views of the inputs."""
     h = max(img.shape[0] for img, _ in batch)
     w = max(img.shape[1] for img, _ in batch)
-    images = torch.zeros(len(batch), h, w, 3, dtype=torch.uint8)
-    targets = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.uint8)
+    device = batch[0][0].device
+    images = torch.zeros(len(batch), h, w, 3, dtype=torch.uint8, device=device)
+    targets = torch.full((len(batch), h, w), IGNORE_INDEX, dtype=torch.uint8, device=device)
     for i, (img, tgt) in enumerate(batch):
         images[i, : img.shape[0], : img.shape[1]] = img
         targets[i, : tgt.shape[0], : tgt.shape[1]] = tgt

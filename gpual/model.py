@@ -26,6 +26,7 @@ feature cell per superpixel at the presets' region sizes; ``output_stride=16`` o
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -263,6 +264,14 @@ def load_backbone_checkpoint(resnet: ResNet, path: Path, backbone: str) -> None:
     resnet.load_state_dict(given, strict=False)  # fc.* is the only part left out, checked above
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[Tensor, Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) float32 on ``device``, made once per device: a
+    new tensor from host values is a blocking copy to a CUDA device, a sync every step."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(images: Tensor) -> Tensor:
     """uint8 images (B, H, W, 3) or (B, 3, H, W) -> (B, 3, H, W) float32 with ImageNet mean/std,
     on ``images``' device. A last axis of size 3 means channels-last."""
@@ -272,7 +281,6 @@ def normalize(images: Tensor) -> Tensor:
         images = images.permute(0, 3, 1, 2)
     elif images.shape[1] != 3:
         raise ValueError(f"normalize expects 3 colour channels, got shape {tuple(images.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     x = images.float().div_(255.0)
     return ((x - mean) / std).contiguous()

@@ -172,16 +172,19 @@ def test_round_zero_is_shared_across_budget_units_and_old_workspaces_run_as_befo
         "strategy": "entropy", "budget_unit": "pixels", "budget_pixels": 0.02, "class_balance": 1.0,
         "clusters_per_budget": 0.5}}))
     assert al_curve.share_round_zero_from_any(tmp_path, pixels).root == tmp_path / "a"
-    # A gpual.toml written before the new keys ran with budgets in regions and no class balance.
+    # A gpual.toml written before the new keys ran with budgets in regions and no class balance
+    # (and streamed its training images: train.resident changes speed, never numbers).
     config = make_config("demo")
     ws = al_curve.open_or_create(tmp_path / "old", config)
     path = ws.root / "gpual.toml"
     text = path.read_text()
-    for line in ('budget_unit = "regions"\n', "budget_pixels = 0.01\n", "class_balance = 0.0\n", "clusters_per_budget = 1.0\n"):
+    for line in ('budget_unit = "regions"\n', "budget_pixels = 0.01\n", "class_balance = 0.0\n", "clusters_per_budget = 1.0\n",
+                 'resident = "auto"\n'):
         assert line in text
         text = text.replace(line, "")
     path.write_text(text)
     assert al_curve.open_or_create(tmp_path / "old", config).root == ws.root
+    assert al_curve.open_or_create(tmp_path / "old", make_config("demo", {"train": {"resident": False}})).root == ws.root
     with pytest.raises(Exception, match=r"acquisition.budget_unit \(not in its gpual.toml"):
         al_curve.open_or_create(tmp_path / "old", make_config("demo", {"acquisition": {"budget_unit": "pixels"}}))
 

@@ -86,3 +86,25 @@ def test_cpu_umap_transform_of_the_nearest_distances_equals_the_full_rows() -> N
         warnings.simplefilter("ignore")
         full = reducer.estimator.transform(pairwise_distances(regions, bank))
     np.testing.assert_array_equal(reducer.transform(regions), full.astype(np.float32))
+
+
+def test_amp_rule_on_the_cpu() -> None:
+    from gpual.backend import amp_dtype, amp_enabled, amp_loss_scaling
+
+    cpu = torch.device("cpu")
+    assert not amp_enabled(cpu, True) and not amp_loss_scaling(cpu, True)
+    assert amp_dtype(cpu) == torch.float16  # unused there: autocast is off on the CPU
+    assert get_backend("cpu").amp(True) is False
+
+
+@pytest.mark.gpu
+def test_amp_rule_on_cuda_bf16_without_loss_scaling() -> None:
+    from gpual.backend import amp_dtype, amp_enabled, amp_loss_scaling
+
+    cuda = torch.device("cuda")
+    assert amp_enabled(cuda, True) and not amp_enabled(cuda, False)
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        assert amp_dtype(cuda) == torch.bfloat16 and not amp_loss_scaling(cuda, True)
+    else:
+        assert amp_dtype(cuda) == torch.float16 and amp_loss_scaling(cuda, True)
+    assert not amp_loss_scaling(cuda, False)

@@ -285,3 +285,16 @@ def test_umap_bank_benchmark_writes_a_row_per_bank_size_on_the_bounded_umap_path
     # The path is read from the reducer's state: umap-learn's own small-data path is told apart.
     bank = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
     assert bench.umap_path(umap.UMAP(n_neighbors=5, n_epochs=5, random_state=0, n_jobs=1).fit(bank)) == "umap-exact"
+
+
+def test_select_command_benchmark_runs_the_real_command_on_a_copy_and_reads_its_parts(tmp_path: Path) -> None:
+    """select_command.py on a demo workspace: the whole command in a fresh process, its parts
+    from the round's metrics, the workspace itself never written."""
+    bench, acquisition = _load("select_command"), _load("acquisition")
+    root, trained = acquisition.synthetic_workspace(tmp_path, n_images=6)
+    out = bench.measure(root, trained + 1, "cpu", repeats=1)
+    assert out["command_seconds"] > 0 and out["start_and_imports_seconds"] > 0
+    assert {"pool_read", "checkpoint_load", "forward", "pooling", "loader_wait", "manifest", "overlays", "total"} <= out["parts_seconds"].keys()
+    assert out["rest_seconds"] == pytest.approx(out["command_seconds"] - out["start_and_imports_seconds"]
+                                                - out["parts_seconds"]["total"])
+    assert not (root / "rounds" / f"{trained + 1:03d}").exists()

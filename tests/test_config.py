@@ -29,6 +29,11 @@ def test_toml_round_trip(tmp_path) -> None:
     # "auto" loader processes (none on the CPU) everywhere but the demo's few small images.
     assert config.train.num_workers == "auto" and make_config("paper").train.num_workers == "auto"
     assert make_config("demo").train.num_workers == 0
+    # Resident training data: "auto" by default, true / false kept as booleans.
+    assert config.train.resident == "auto" and all(make_config(p).train.resident == "auto" for p in preset_names())
+    for value in (True, False):
+        path.write_text(dump_config(make_config("demo", {"train": {"resident": value}})))
+        assert load_config(path).train.resident is value
 
 
 def test_presets_are_shipped() -> None:
@@ -62,6 +67,8 @@ def test_partial_file_takes_defaults(tmp_path) -> None:
         ("[train]\nnum_workers = -1\n", 'train.num_workers = -1 is not a count >= 0 or "auto"'),
         ("[train]\nnum_workers = 'many'\n", "train.num_workers = 'many' is not a count"),
         ("[train]\nnum_workers = false\n", "train.num_workers = False is not a count"),
+        ("[train]\nresident = 'yes'\n", "train.resident = 'yes' is not true, false or \"auto\": fix it in gpual.toml"),
+        ("[train]\nresident = 1\n", "train.resident = 1 is not true, false or"),
         ("[train\n", "not valid TOML"),
     ],
 )

@@ -1,4 +1,5 @@
-"""InfoNCE with hand-computed answers, anchor and negative sampling counts and order, cold start."""
+"""InfoNCE with hand-computed answers, anchor and negative sampling counts, order and uniformity,
+cold start, and no host reads in the contrastive term."""
 from __future__ import annotations
 
 import math
@@ -46,10 +47,20 @@ def test_contrastive_loss_end_to_end_by_hand() -> None:
         - math.log(math.exp(8) / (math.exp(8) + math.exp(6) + math.exp(-6)))
         - math.log(1 / (1 + 1 + math.exp(10)))
     ) / 3
-    assert anchors == 3
+    assert anchors.ndim == 0 and anchors == 3
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def _eligible(*classes: bool) -> torch.Tensor:
+    return torch.tensor(classes)
+
+
+def _valid_per_class(anchors, c: int) -> tuple[list[int], list[int]]:
+    """(valid anchors, valid hard anchors) per class."""
+    per_class = [(anchors.label == k) & anchors.valid for k in range(c)]
+    return [int(m.sum()) for m in per_class], [int((m & anchors.hard).sum()) for m in per_class]
 
 
 def test_anchor_counts_and_hardness() -> None:
@@ -64,15 +75,64 @@ def test_anchor_counts_and_hardness() -> None:
     labels[130:135] = 2
     pred[130:135] = 2  # class 2: 5 pixels, all correct
     labels[135:160] = 3  # class 3 has no positive in the bank: not eligible
-    anchors = sample_anchors(labels, pred, [0, 1, 2], n_hard=25, n_random=25, generator=_gen())
-    per_class = {c: (anchors.label == c) for c in range(4)}
-    assert [int(m.sum()) for m in per_class.values()] == [30, 50, 5, 0]
-    assert [int((m & anchors.hard).sum()) for m in per_class.values()] == [10, 25, 0, 0]
-    assert anchors.index.unique().numel() == anchors.index.numel()  # no pixel twice
-    assert torch.equal(labels[anchors.index], anchors.label)
-    assert (pred[anchors.index[anchors.hard]] != anchors.label[anchors.hard]).all()  # hard = misclassified
+    anchors = sample_anchors(labels, pred, _eligible(True, True, True, False), n_hard=25, n_random=25, generator=_gen())
+    # A fixed shape: 4 classes x (25 + 25) slots, class-major, hard slots first.
+    assert anchors.index.shape == anchors.label.shape == anchors.hard.shape == anchors.valid.shape == (200,)
+    assert anchors.label.tolist() == sum(([k] * 50 for k in range(4)), [])
+    assert anchors.hard.tolist() == ([True] * 25 + [False] * 25) * 4
+    assert _valid_per_class(anchors, 4) == ([30, 50, 5, 0], [10, 25, 0, 0])
+    index, label, hard = anchors.index[anchors.valid], anchors.label[anchors.valid], anchors.hard[anchors.valid]
+    assert index.unique().numel() == index.numel()  # no pixel twice
+    assert torch.equal(labels[index], label)
+    assert (pred[index[hard]] != label[hard]).all()  # hard = misclassified
     # Class 0 has fewer pixels than 50: every pixel is used.
-    assert set(anchors.index[per_class[0]].tolist()) == set(range(30))
+    assert set(index[label == 0].tolist()) == set(range(30))
+
+
+def test_anchor_counts_on_random_batches() -> None:
+    # Exactly min(n_hard, misclassified) hard and min(n_random, rest) random anchors per eligible class.
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        n, c = 400, 6
+        labels = torch.randint(0, c + 2, (n,), generator=g)
+        labels[labels >= c] = 255
+        pred = torch.where(torch.rand(n, generator=g) < 0.3, torch.randint(0, c, (n,), generator=g), labels)
+        eligible = torch.rand(c, generator=g) < 0.7
+        n_hard, n_random = int(torch.randint(0, 12, (1,), generator=g)), int(torch.randint(0, 40, (1,), generator=g))
+        anchors = sample_anchors(labels, pred, eligible, n_hard, n_random, _gen(trial))
+        wrong = [int(((labels == k) & (pred != k)).sum()) for k in range(c)]
+        pixels = [int((labels == k).sum()) for k in range(c)]
+        hard = [min(n_hard, wrong[k]) if eligible[k] else 0 for k in range(c)]
+        rest = [min(n_random, pixels[k] - hard[k]) if eligible[k] else 0 for k in range(c)]
+        assert _valid_per_class(anchors, c) == ([h + r for h, r in zip(hard, rest)], hard), trial
+        index = anchors.index[anchors.valid]
+        assert index.unique().numel() == index.numel() and torch.equal(labels[index], anchors.label[anchors.valid])
+        assert (pred[anchors.index[anchors.valid & anchors.hard]] != anchors.label[anchors.valid & anchors.hard]).all()
+
+
+def test_anchors_are_deterministic_for_a_seed_and_uniform() -> None:
+    n = 60
+    labels = torch.zeros(n, dtype=torch.long)
+    pred = torch.zeros(n, dtype=torch.long)
+    pred[:20] = 1  # 20 misclassified, 40 correct pixels of class 0
+    eligible = _eligible(True, True)
+    a, b = (sample_anchors(labels, pred, eligible, 5, 10, _gen(7)) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip((a.index, a.valid), (b.index, b.valid)))
+    assert not torch.equal(a.index, sample_anchors(labels, pred, eligible, 5, 10, _gen(8)).index)
+    # Over many draws: each misclassified pixel is hard 5/20 of the time; each pixel is a random
+    # anchor 10 / 55 of the draws (the rest after 5 hard ones: 15 wrong + 40 correct).
+    draws, g = 2000, _gen(9)
+    hard_hits, rest_hits = torch.zeros(n), torch.zeros(n)
+    for _ in range(draws):
+        anchors = sample_anchors(labels, pred, eligible, 5, 10, g)
+        valid = anchors.valid
+        hard_hits += torch.bincount(anchors.index[valid & anchors.hard], minlength=n)
+        rest_hits += torch.bincount(anchors.index[valid & ~anchors.hard], minlength=n)
+    assert (hard_hits[20:] == 0).all()
+    assert ((hard_hits[:20] / draws - 5 / 20).abs() < 0.04).all()
+    # A wrong pixel is random only when it was not drawn hard: (15/20) * (10/55).
+    assert ((rest_hits[:20] / draws - 0.75 * 10 / 55).abs() < 0.04).all()
+    assert ((rest_hits[20:] / draws - 10 / 55).abs() < 0.04).all()
 
 
 def test_negatives_hardest_first_then_random_from_the_rest() -> None:
@@ -106,6 +166,45 @@ def test_random_negatives_are_uniform() -> None:
     assert ((counts[1:5].float() / a - 0.25).abs() < 0.03).all()
 
 
+def test_empty_bank_slots_are_never_negatives() -> None:
+    bank_label = torch.tensor([0, 0, 1, 1, 2, 2])
+    bank_valid = torch.tensor([True, False, True, False, True, False])
+    similarity = torch.tensor([0.1, 0.9, 0.2, 0.95, 0.3, 0.99]).expand(500, 6)
+    index, valid = sample_negatives(similarity, torch.zeros(500, dtype=torch.long), bank_label, n_hard=1, n_random=2,
+                                    generator=_gen(), bank_valid=bank_valid)
+    assert (index[:, 0] == 4).all() and valid[:, 0].all()  # the hardest valid other-class slot
+    assert (index[:, 1] == 2).all() and valid[:, 1].all() and not valid[:, 2].any()  # the only one left
+
+
+def test_invalid_anchors_count_for_nothing_and_keep_gradients_finite() -> None:
+    positive = torch.tensor([0.5, 0.2, 0.9], requires_grad=True)
+    negatives = torch.tensor([[0.1, 0.3], [0.0, 0.0], [0.4, 0.2]], requires_grad=True)
+    valid = torch.tensor([[True, True], [False, False], [True, False]])  # anchor 1 has no negative at all
+    anchor_valid = torch.tensor([True, False, True])
+    loss = info_nce(positive, negatives, valid, 0.5, anchor_valid)
+    kept = torch.tensor([0, 2])
+    assert loss.item() == pytest.approx(info_nce(positive[kept], negatives[kept], valid[kept], 0.5).item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(positive.grad).all() and torch.isfinite(negatives.grad).all()
+    assert positive.grad[1] == 0 and (negatives.grad[1] == 0).all()
+    none = info_nce(positive, negatives, valid, 0.5, torch.zeros(3, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_contrastive_term_reads_nothing_on_the_host() -> None:
+    # On the meta device nonzero, boolean-mask indexing, item and tolist raise: the anchor
+    # sampling, the negatives and the loss (and its backward) run there.
+    meta = torch.device("meta")
+    bank = MemoryBank(4, 7, 3, meta)
+    labels = torch.empty(2, 6, 8, dtype=torch.long, device=meta)
+    emb = torch.empty(2, 3, 3, 4, device=meta, requires_grad=True)
+    loss, anchors = contrastive_loss(emb, torch.empty(2, 4, 6, 8, device=meta), labels, bank, ContrastiveConfig(), _gen())
+    loss.backward()
+    assert loss.shape == anchors.shape == () and anchors.dtype == torch.int64 and emb.grad.shape == emb.shape
+    ce = cross_entropy(torch.empty(2, 4, 6, 8, device=meta), labels)
+    assert ce.shape == () and ce.device == meta
+
+
 def test_cold_start_contrastive_term_off() -> None:
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(1, 4, 6, 6, generator=g), dim=1).requires_grad_(True)
@@ -130,3 +229,7 @@ def test_cross_entropy_ignores_unlabeled_and_never_nan() -> None:
     labels = torch.tensor([[[0, 255]]])
     assert cross_entropy(logits, labels).item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + 1)))
     assert cross_entropy(logits, torch.full_like(labels, 255)).item() == 0.0
+    graph = logits.clone().requires_grad_(True)
+    zero = cross_entropy(graph, torch.full_like(labels, 255))
+    zero.backward()  # exactly 0, with a graph and a zero gradient
+    assert zero.item() == 0.0 and (graph.grad == 0).all()

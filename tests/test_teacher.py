@@ -1,4 +1,5 @@
-"""EMA teacher: parameters and BN running statistics by hand, integer buffers copied."""
+"""EMA teacher: parameters and BN running statistics by hand, integer buffers copied, and the
+multi-tensor update equal to per-tensor lerps."""
 from __future__ import annotations
 
 import pytest
@@ -46,3 +47,30 @@ def test_teacher_is_frozen_copy_in_eval_mode() -> None:
         ema_update(teacher, student, decay=1.5)
     with pytest.raises(ValueError, match="different"):
         ema_update(teacher, nn.Sequential(nn.Linear(1, 1)), decay=0.9)
+
+
+def test_ema_update_equals_the_per_tensor_lerps() -> None:
+    # The multi-tensor update is the per-tensor Tensor.lerp_ bit for bit, on a real network.
+    from gpual.config import make_config
+    from gpual.model import build_model
+
+    torch.manual_seed(0)
+    config = make_config("demo")
+    student, reference = build_model(config.model, 3), build_model(config.model, 3)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1)
+    for name, buffer in reference.named_buffers():
+        if buffer.is_floating_point():
+            buffer.add_(0.5)
+    teacher = make_teacher(reference)
+    expected = {name: t.clone() for name, t in teacher.state_dict().items()}
+    s_state = student.state_dict()
+    for name, t in expected.items():
+        if t.is_floating_point():
+            t.lerp_(s_state[name], 1.0 - 0.97)
+        else:
+            t.copy_(s_state[name])
+    ema_update(teacher, student, decay=0.97)
+    for name, t in teacher.state_dict().items():
+        assert torch.equal(t, expected[name]), name

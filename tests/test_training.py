@@ -102,6 +102,7 @@ def test_a_few_steps_lower_the_loss_and_raise_miou(scenes: Path) -> None:
     bank = MemoryBank(spec.num_classes, config.contrastive.bank_size, config.model.projection_dim, CPU)
     t = Trainer(model, make_teacher(model), bank, make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False),
                 config, amp=False)
+    assert not t.optimizer.defaults["fused"]  # the CPU keeps the plain Adam
 
     def miou() -> float:
         model.eval()
@@ -114,7 +115,9 @@ def test_a_few_steps_lower_the_loss_and_raise_miou(scenes: Path) -> None:
     g = torch.Generator().manual_seed(0)
     stats = [train_step(t, images, labels, g) for _ in range(12)]
     after = miou()
-    assert stats[-1]["loss"] < 0.75 * stats[0]["loss"], [s["loss"] for s in stats]
+    # The statistics are 0-d tensors on the model's device (reading them is the caller's wait).
+    assert all(v.ndim == 0 and v.device == CPU for v in stats[0].values()) and stats[0]["anchors"].dtype == torch.int64
+    assert stats[-1]["loss"] < 0.75 * stats[0]["loss"], [float(s["loss"]) for s in stats]
     assert after > before + 0.1, (before, after)
     assert stats[0]["anchors"] == 0 and stats[-1]["anchors"] > 0  # cold start, then the bank has entries
     assert (bank.filled() > 0).all()
@@ -158,6 +161,65 @@ def test_ema_warmup_for_fresh_weights(scenes: Path) -> None:
     assert t.step == 1
     for (name, p_s), p_t in zip(model.named_parameters(), t.teacher.parameters()):
         assert torch.equal(p_s, p_t), name
+
+
+def _step_setup(device: torch.device, amp: bool, classes: int = 5) -> tuple:
+    """A demo-preset trainer on ``device`` with a bank holding a few vectors per class
+    (so the contrastive term has anchors), and a (2, 32, 48) batch, half of it labelled."""
+    from gpual.config import make_config
+    from gpual.memory_bank import MemoryBank
+    from gpual.model import build_model
+    from gpual.teacher import make_teacher
+    from gpual.training.loop import Trainer, make_optimizer, make_scaler, memory_format
+
+    config = make_config("demo")
+    torch.manual_seed(0)
+    model = build_model(config.model, classes).to(device, memory_format=memory_format(device))
+    bank = MemoryBank(classes, config.contrastive.bank_size, config.model.projection_dim, device)
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        bank.push(c, torch.nn.functional.normalize(torch.randn(3, config.model.projection_dim, generator=g), dim=1))
+    t = Trainer(model, make_teacher(model), bank, make_optimizer(model, config), make_scaler(device, amp), config, amp)
+    images = torch.randint(0, 256, (2, 32, 48, 3), dtype=torch.uint8, generator=g).to(device)
+    targets = torch.randint(0, classes, (2, 32, 48), generator=g)
+    targets[:, :16] = 255
+    return t, images, targets.to(device)
+
+
+def test_a_step_reads_nothing_on_the_host() -> None:
+    # The whole step (forward, CE, anchors, negatives, InfoNCE, backward, Adam, EMA, bank
+    # push) on the meta device, where nonzero, boolean-mask indexing, item, tolist and
+    # copies to the host raise: nothing in it waits for the device's data.
+    from gpual.training.loop import train_step
+
+    meta = torch.device("meta")
+    t, images, targets = _step_setup(meta, amp=False)
+    for _ in range(2):
+        stats = train_step(t, images, targets, torch.Generator().manual_seed(0))
+    assert all(v.device == meta and v.shape == () for v in stats.values()) and t.step == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_cuda_step_never_synchronises(amp: bool) -> None:
+    from gpual.backend import amp_dtype
+    from gpual.training.loop import step_on_host, train_step
+
+    cuda = torch.device("cuda")
+    if amp and amp_dtype(cuda) != torch.bfloat16:
+        pytest.skip("float16 AMP (no native bf16 here) scales the loss with a GradScaler: not the sync-free path")
+    t, images, targets = _step_setup(cuda, amp)
+    assert t.optimizer.defaults["fused"] and t.scaler.is_enabled() is False
+    g = torch.Generator(device=cuda).manual_seed(0)
+    train_step(t, images, targets, g)  # warm-up: Adam's state, cuDNN's plans, the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        stats = [train_step(t, images, targets, g) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host = [step_on_host(s) for s in stats]
+    assert all(np.isfinite(h["loss"]) for h in host) and host[-1]["anchors"] > 0, host
 
 
 # --- rounds -----------------------------------------------------------------------------
@@ -236,8 +298,13 @@ def test_interrupted_training_resumes_exactly(trained_ws, tmp_path: Path, scenes
     assert ws.resume_path(0).exists() and not ws.checkpoint_path(0).exists()
     with pytest.raises(GpualError, match="--resume"):
         train_round(ws, 0, CPU, epochs=2)
-    summary = train_round(ws, 0, CPU, resume=True, epochs=2)
+    logged = []
+    summary = train_round(ws, 0, CPU, resume=True, epochs=2, log=logged.append)
     assert summary["resumed_from_epoch"] == 1 and not ws.resume_path(0).exists()
+    # The log callback gets Python numbers; the epoch's mean is theirs.
+    assert logged and all(type(step[k]) is float for step in logged for k in ("loss", "ce", "nce"))
+    assert all(type(step["anchors"]) is int and step["epoch"] == 2 for step in logged)
+    assert summary["loss_per_epoch"][1] == pytest.approx(np.mean([step["loss"] for step in logged]), rel=1e-6)
     a = load_checkpoint(reference.checkpoint_path(0), CPU)
     b = load_checkpoint(ws.checkpoint_path(0), CPU)
     for model_a, model_b in ((a[0], b[0]), (a[1], b[1])):

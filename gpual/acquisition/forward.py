@@ -5,6 +5,7 @@ probabilities and embeddings never leave the model's device (they are pooled at 
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from gpual.backend import Backend
+from gpual.backend import Backend, amp_dtype
 from gpual.datasets import read_image
 from gpual.errors import GpualError
 from gpual.loading import StageClock, Waited, host_batches
@@ -71,13 +72,15 @@ def pool_with_teacher(
     """Teacher forward over the pool with per-batch pooling; returns (RegionStats, bank vectors, timings)."""
     from gpual.training.checkpoints import load_bank, load_teacher
 
+    t0 = time.perf_counter()
     teacher, _ = load_teacher(ws.checkpoint_path(round - 1), backend.device)
     bank = load_bank(ws.checkpoint_path(round - 1), backend.device)
+    loaded = time.perf_counter() - t0
     stats, timings = pool_images(ws, round, teacher, index, strategy, backend.device, backend.amp(ws.config.train.amp), progress)
     if stats.n_regions != n_regions:
         raise GpualError(f"pooled {stats.n_regions} regions but the index counts {n_regions}: run `gpual superpixels {ws.root}` again")
     bank_vectors, _ = bank.vectors()
-    return stats, bank_vectors, timings
+    return stats, bank_vectors, {"checkpoint_load": loaded, **timings}
 
 
 @torch.no_grad()
@@ -126,7 +129,7 @@ def pool_images(
         images, regions = images.to(device, non_blocking=True), regions.to(device, non_blocking=True).long()
         clock.start()
         x = normalize(images)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             out = teacher.forward_projection(x)  # the (B, D, h, w) map: the pooler upsamples it implicitly
         probs = torch.softmax(out["logits"].float(), dim=1)
         mc_seed = derive_seed(ws.config.acquisition.seed, MC_DROPOUT, round, batch)
@@ -155,7 +158,7 @@ def _mc_dropout_probs(model: torch.nn.Module, x: torch.Tensor, passes: int, amp:
             torch.manual_seed(seed)
             samples = []
             for _ in range(passes):
-                with torch.autocast(x.device.type, enabled=amp):
+                with torch.autocast(x.device.type, dtype=amp_dtype(x.device), enabled=amp):
                     samples.append(torch.softmax(model.segment(x).float(), dim=1))
             return torch.stack(samples)
     finally:

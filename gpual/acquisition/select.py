@@ -117,7 +117,7 @@ def acquire(
     pool = _Pool.read(ws, round)
     budget, cap = _round_budget(ws, round, budget, budget_pixels, pool)
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"pool_read": time.perf_counter() - t_start}  # index, image checks, labels
     device = backend.device
     candidates = torch.from_numpy(np.flatnonzero(pool.candidate_mask)).to(device)
     acq = ws.config.acquisition
@@ -127,7 +127,8 @@ def acquire(
             stats, bank_vectors, labeled_embedding = _random_stats(pool.region_pixels, device), None, None
         else:
             score_pool = cluster.pool_with_teacher if cluster is not None else pool_with_teacher
-            stats, bank_vectors, timings = score_pool(ws, round, backend, pool.index, pool.n_regions, strategy, progress)
+            stats, bank_vectors, scored = score_pool(ws, round, backend, pool.index, pool.n_regions, strategy, progress)
+            timings.update(scored)
             labeled_embedding = (stats.embedding[torch.from_numpy(pool.labeled_ids).to(device)]
                                  if strategy == "coreset" else None)
         class_pixels = None  # labelled pixels per class, for acquisition.class_balance

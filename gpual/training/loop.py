@@ -32,22 +32,29 @@ Decisions the brief leaves open:
   upsampling backward add in a nondeterministic order).
 - Each round starts a fresh Adam; round r > 0 starts from round r-1's student, teacher
   and bank unless ``train.reinit_each_round``.
+- A step never waits for the device: every tensor's shape is fixed by the config and the
+  batch shape (anchors, negatives and bank pushes are fixed-size slots with valid masks,
+  :mod:`gpual.losses`, :mod:`gpual.memory_bank`), the step's statistics stay 0-d device
+  tensors, and the epoch's mean loss is read once per epoch. On CUDA, AMP runs in bfloat16
+  where the device has it, without a GradScaler (float16, with one, elsewhere:
+  :func:`gpual.backend.amp_dtype`); Adam is the fused kernel and the model and its input
+  are channels-last (cuDNN's native convolution layout). The CPU keeps the plain Adam
+  and the contiguous layout.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from gpual.backend import amp_enabled
+from gpual.backend import amp_dtype, amp_enabled, amp_loss_scaling
 from gpual.config import Config
 from gpual.errors import GpualError
-from gpual.loading import host_batches, pad_collate
 from gpual.losses import contrastive_loss, cross_entropy
 from gpual.memory_bank import MemoryBank
 from gpual.model import SegmentationModel, build_model, normalize
@@ -55,13 +62,13 @@ from gpual.seeding import TRAIN, derive_seed
 from gpual.teacher import ema_update, make_teacher
 from gpual.training import checkpoints
 from gpual.training.checkpoints import OUTPUT_STRIDE
-from gpual.training.data import ImageTargets, TrainingSet, full_training_set, random_hflip, sparse_training_set
+from gpual.training.data import TrainingBatches, TrainingSet, full_training_set, random_hflip, sparse_training_set
 from gpual.workspace import ModelRun, Workspace
 
 FULL_TAG = -1  # the "round" of the full reference and of final retrainings in seeds
 
 Progress = Callable[[int, int], None]  # (steps done, steps in total)
-StepLog = Callable[[dict[str, Any]], None]  # after every step: epoch, batch, loss, ce, nce, anchors
+StepLog = Callable[[dict[str, Any]], None]  # after every step: epoch, batch, loss, ce, nce (floats), anchors (int)
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,7 +85,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     config: Config
-    amp: bool  # float16 autocast + loss scaling; CUDA only
+    amp: bool  # autocast in amp_dtype (bfloat16, or float16 with loss scaling); CUDA only
     # Mean-teacher warm-up for weights trained from scratch: step t uses an EMA decay of
     # min(ema_decay, 1 - 1/(t + 1)), so the teacher tracks the student over the first
     # ~100 steps instead of staying ~the random initial weights (which it would for a
@@ -93,21 +100,38 @@ class Trainer:
 
 
 def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Adam:
-    """Adam (beta1, beta2), lr 5e-4, weight decay 2e-4 (paper 4.2)."""
+    """Adam (beta1, beta2), lr 5e-4, weight decay 2e-4 (paper 4.2); the fused kernel (one
+    launch for every parameter) when the parameters are on CUDA."""
     t = config.train
-    return torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, **fused)
 
 
-def train_step(t: Trainer, images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+def make_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """The loss scaler of a run: enabled for float16 AMP only (:func:`gpual.backend.amp_loss_scaling`)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_loss_scaling(device, amp))
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The model's and the input's layout: channels-last on CUDA (cuDNN's native one for
+    convolutions), contiguous elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def train_step(t: Trainer, images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """One optimiser step on a batch: (B, H, W, 3) uint8 images, (B, H, W) int64 targets (255 =
-    unlabeled), both on the model's device. Returns loss, ce, nce (floats) and anchors (count)."""
+    unlabeled), both on the model's device. Returns loss, ce, nce (float32) and anchors (int64
+    count), detached 0-d tensors on that device: reading them is the caller's (one) wait."""
     cfg = t.config
-    x = normalize(images)
-    with torch.autocast(x.device.type, dtype=torch.float16, enabled=t.amp):
+    x = normalize(images).contiguous(memory_format=memory_format(images.device))
+    # Entered only when on: torch.autocast refuses device types it has no rule for (meta,
+    # where the tests run the step to prove it never reads data on the host) even disabled.
+    with torch.autocast(x.device.type, dtype=amp_dtype(x.device)) if t.amp else contextlib.nullcontext():
         out = t.student.forward_projection(x)
     logits, projection = out["logits"].float(), out["projection"].float()  # losses in float32
     ce = cross_entropy(logits, targets)
-    nce, anchors = ce.new_zeros(()), 0  # lambda = 0 is the no-contrastive ablation: skip the sampling
+    # lambda = 0 is the no-contrastive ablation: skip the sampling
+    nce, anchors = ce.new_zeros(()), torch.zeros((), dtype=torch.int64, device=ce.device)
     if cfg.contrastive.weight > 0:
         nce, anchors = contrastive_loss(projection, logits.detach(), targets, t.bank, cfg.contrastive, generator)
     loss = ce + cfg.contrastive.weight * nce
@@ -120,7 +144,13 @@ def train_step(t: Trainer, images: torch.Tensor, targets: torch.Tensor, generato
     # The bank is filled even when contrastive.weight = 0: acquisition fits UMAP on it.
     t.bank.update_from_batch(projection.detach(), torch.softmax(logits.detach(), 1), targets,
                              cfg.contrastive.bank_pixels_per_image)
-    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "nce": float(nce.detach()), "anchors": anchors}
+    return {"loss": loss.detach(), "ce": ce.detach(), "nce": nce.detach(), "anchors": anchors}
+
+
+def step_on_host(stats: dict[str, torch.Tensor]) -> dict[str, float | int]:
+    """:func:`train_step`'s statistics as Python numbers (loss, ce, nce floats; anchors int):
+    a wait for the device, for logs only."""
+    return {name: int(value) if name == "anchors" else float(value) for name, value in stats.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,40 +224,39 @@ def _train(ws: Workspace, run: ModelRun, data: TrainingSet, tag: int, init: Path
     if resume:
         start_epoch, history, seconds_before = checkpoints.restore(t, run.state, data, meta, command)
 
-    dataset = ImageTargets(data.images, data.targets, data.scale, data.labels)
-    batch_size = config.train.batch_size
-    batches = (len(dataset) + batch_size - 1) // batch_size
+    t0 = time.perf_counter()
+    # Resident: every image decoded once, here (after a resume is accepted; within `seconds`).
+    train_batches = TrainingBatches(data, device, config.train)
+    batches = len(train_batches)
     total_steps, steps = epochs * batches, start_epoch * batches
     t.ema_warmup, t.step = init is None, steps
-    t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         seed = _seed(config, tag, epoch)
         torch.manual_seed(seed)  # dropout
         shuffle = torch.Generator().manual_seed(seed)
         sampling = torch.Generator(device=device).manual_seed(seed)  # flips, anchors, negatives
-        loader = host_batches(dataset, device, config.train.num_workers, batch_size=batch_size, collate_fn=pad_collate,
-                              shuffle=True, generator=shuffle)
-        losses = []
+        loader = train_batches.epoch(shuffle)  # batches on `device`
+        loss_sum, done = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device
         for batch, (images, targets) in enumerate(loader):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if config.train.hflip:
                 images, targets = random_hflip(images, targets, sampling)
             stats = train_step(t, images, targets.long(), sampling)
-            losses.append(stats["loss"])
-            steps += 1
-            if log:
-                log({"epoch": epoch + 1, "epochs": epochs, "batch": batch + 1, "batches": batches, **stats})
+            loss_sum += stats["loss"]
+            steps, done = steps + 1, done + 1
+            if log:  # converting the statistics waits for the device: only when someone reads them
+                log({"epoch": epoch + 1, "epochs": epochs, "batch": batch + 1, "batches": batches, **step_on_host(stats)})
             if progress:
                 progress(steps, total_steps)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum) / done})  # the epoch's one wait
         # The RNG needs no saving: every epoch reseeds it.
         checkpoints.save_resume_state(run.state, t, epoch + 1, history, data.fingerprint, meta,
                                       seconds_before + time.perf_counter() - t0)
 
     seconds = time.perf_counter() - t0
     summary = _summary(t, data, epochs, start_epoch if resume else None, seconds_before + seconds,
-                       (epochs - start_epoch) * len(dataset) / seconds if seconds > 0 and epochs > start_epoch else None,
+                       (epochs - start_epoch) * len(data.images) / seconds if seconds > 0 and epochs > start_epoch else None,
                        total_steps, device, init, history)
+    summary["data"] = train_batches.summary()  # resident or streamed, bytes held, decode time
     # A new model: an evaluation of the one it replaces no longer describes it.
     ws.update_run_metrics(run, drop=("evaluation", "evaluations"), training=summary)
     checkpoints.save_checkpoint(run.checkpoint, t, {**meta, "round": run.round, "final": run.final, "epochs": epochs,
@@ -286,7 +315,7 @@ def _make_trainer(config: Config, meta: dict[str, Any], init: Path | None, devic
         student = build_model(config.model, int(meta["num_classes"]), output_stride=OUTPUT_STRIDE).to(device)
         teacher = make_teacher(student)
         bank = MemoryBank(int(meta["num_classes"]), config.contrastive.bank_size, config.model.projection_dim, device)
-    student.train()
+    student.to(memory_format=memory_format(device)).train()
+    teacher.to(memory_format=memory_format(device))
     amp = amp_enabled(device, config.train.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    return Trainer(student, teacher, bank, make_optimizer(student, config), scaler, config, amp)
+    return Trainer(student, teacher, bank, make_optimizer(student, config), make_scaler(device, amp), config, amp)
