@@ -59,10 +59,18 @@ def host_batches(
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate_fn,
                         num_workers=resolve_workers(num_workers, device), pin_memory=device.type == "cuda")
+    batches = iter(loader)
     try:
-        yield from loader
+        yield from batches
     except GpualError as exc:
         raise worker_error(exc) from None
+    finally:
+        # Stop the loader processes now, whether the loop ended, broke off or failed: an
+        # iterator kept alive by a traceback would keep them, and with them every pipe they
+        # inherited from this process (another child's stdin never reaches its end).
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
+        if shutdown is not None:
+            shutdown()
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
